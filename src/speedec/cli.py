@@ -1,0 +1,229 @@
+"""The ``speedec`` command line. Subcommands are thin wrappers over the API.
+
+Every expected failure (bad option, bad model directory, bad prompt...) prints
+one line ``error: ...`` to stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from . import __version__
+from .config import PRESET_RESIDUAL_SCALE, ModelConfig, preset
+from .errors import GenerationError, ModelLoadError, SpeedecError
+from .model import LoopedLM
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def bundled_model_dir() -> Path | None:
+    """The model shipped inside the package, if this install has one."""
+    path = Path(__file__).parent / "assets" / "default-model"
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    if model is not None:
+        return Path(model)
+    bundled = bundled_model_dir()
+    if bundled is None:
+        raise ModelLoadError("no --model given and this install has no bundled model")
+    return bundled
+
+
+def load_model(model: str | None, dtype: str, device: str) -> tuple[Path, LoopedLM]:
+    directory = resolve_model_dir(model)
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise SpeedecError(f"unknown device {device!r}") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise SpeedecError("--device cuda was asked for but no CUDA device is available")
+    return directory, LoopedLM.from_pretrained(directory, dtype=DTYPES[dtype], device=torch_device)
+
+
+def parse_ids(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not p for p in parts):
+        raise GenerationError(f"--prompt-ids must be comma-separated integers, got {text!r}")
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        bad = next(p for p in parts if not p.lstrip("-").isdigit())
+        raise GenerationError(f"--prompt-ids: {bad!r} is not an integer") from None
+
+
+class _Cli(click.Group):
+    """A group whose errors are one line and exit code 2."""
+
+    def main(self, args=None, prog_name=None, **extra):  # noqa: D401
+        try:
+            return super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(2)
+        except SpeedecError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="speedec")
+def cli() -> None:
+    """speedec: fast exact decoding for looped decoders with SPEED."""
+
+
+@cli.command()
+@click.option("--preset", "preset_name", help="Named shape: tiny, membound, membound-deep.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="JSON file with ModelConfig fields.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to create.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed of the weights.")
+@click.option("--residual-scale", type=float, default=None,
+              help="Scale of the residual branches' output weights (default: the preset's).")
+@click.option("--force", is_flag=True, help="Overwrite a model already in --out.")
+def init(preset_name, config_file, out, seed, residual_scale, force) -> None:
+    """Create a random-weight model (for tests and benchmarks)."""
+    if (preset_name is None) == (config_file is None):
+        raise click.UsageError("give exactly one of --preset or --config")
+    config = preset(preset_name) if preset_name else ModelConfig.from_file(config_file)
+    if residual_scale is None:
+        residual_scale = PRESET_RESIDUAL_SCALE.get(preset_name, 1.0)
+    if not residual_scale > 0:
+        raise click.UsageError(f"--residual-scale must be positive, got {residual_scale}")
+    out_dir = Path(out)
+    if (out_dir / "config.json").exists() and not force:
+        raise click.UsageError(f"{out_dir} already holds a model; pass --force to overwrite it")
+    model = LoopedLM.random(config, seed=seed, residual_scale=residual_scale)
+    model.save_pretrained(out_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    click.echo(f"wrote {out_dir} ({n_params / 1e6:.2f}M parameters, "
+               f"K={config.n_unique_layers} L={config.n_loops} exit={config.exit_loop})")
+
+
+@cli.command()
+@click.argument("prompt_arg", metavar="[PROMPT]", required=False)
+@click.option("--model", "model_dir", help="Model directory (default: the bundled model).")
+@click.option("--prompt", help="Prompt text.")
+@click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--engine", default="speed", show_default=True, help="speed or autoregressive.")
+@click.option("--eos-token-id", type=int, default=None,
+              help="Stop at this token (default: the tokenizer's end-of-text, if any).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for PyTorch.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
+@click.option("--stream", is_flag=True, help="Print text as tokens are verified.")
+def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, eos_token_id,
+             dtype, device, threads, as_json, stream) -> None:
+    """Generate a continuation of a prompt (greedy; every engine gives the same tokens)."""
+    from .engines import ENGINES
+    from .engines import generate as run_generate
+    from .tokenizer import load_tokenizer
+
+    if prompt_arg is not None and prompt is not None:
+        raise click.UsageError("give the prompt once: as an argument or with --prompt")
+    prompt = prompt if prompt is not None else prompt_arg
+    if (prompt is None) == (prompt_ids is None):
+        raise click.UsageError("give exactly one of PROMPT/--prompt or --prompt-ids")
+    if engine not in ENGINES:
+        raise GenerationError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if threads is not None:
+        if threads < 1:
+            raise click.UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    ids = parse_ids(prompt_ids) if prompt_ids is not None else None
+    if prompt is not None and not prompt:
+        raise GenerationError("the prompt is empty")
+    directory, model = load_model(model_dir, dtype, device)
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(directory, model.config.vocab_size)
+    except SpeedecError:
+        if ids is None:
+            raise
+    if ids is None:
+        ids = tokenizer.encode(prompt)
+    if eos_token_id is None and tokenizer is not None:
+        eos_token_id = tokenizer.eos_token_id
+
+    printer = _StreamPrinter(tokenizer) if stream and not as_json else None
+    result = run_generate(model, ids, max_new_tokens, engine=engine, eos_token_id=eos_token_id,
+                          on_token=printer.add if printer else None)
+    text = tokenizer.decode(result.tokens) if tokenizer is not None else None
+    if as_json:
+        click.echo(json.dumps({"engine": engine, "prompt_ids": ids, "tokens": result.tokens,
+                               "text": text, "stop_reason": result.stop_reason,
+                               "stats": result.stats.to_dict()}))
+    elif printer is not None:
+        printer.finish()
+    else:
+        click.echo(text if text is not None else ",".join(map(str, result.tokens)))
+
+
+class _StreamPrinter:
+    """Prints the text of verified tokens as they arrive (ids without a tokenizer)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        if self.tokenizer is None:
+            click.echo(("," if len(self.tokens) > 1 else "") + str(token), nl=False)
+            sys.stdout.flush()
+            return
+        text = self.tokenizer.decode(self.tokens)
+        # Hold back an incomplete UTF-8 sequence until its last byte arrives.
+        stable = text.rstrip("\ufffd")
+        if len(stable) > self.printed:
+            click.echo(stable[self.printed:], nl=False)
+            sys.stdout.flush()
+            self.printed = len(stable)
+
+    def finish(self) -> None:
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(self.tokens)
+            click.echo(text[self.printed:], nl=False)
+        click.echo()
+
+
+@cli.command("export-hf")
+@click.argument("model_dir")
+@click.argument("out_dir")
+def export_hf_cmd(model_dir, out_dir) -> None:
+    """Write MODEL_DIR as a Hugging Face Llama checkpoint (K*L layers) in OUT_DIR."""
+    from .hf import export_hf
+
+    model = LoopedLM.from_pretrained(model_dir)
+    export_hf(model, out_dir)
+    tok = Path(model_dir) / "tokenizer.json"
+    if tok.is_file():
+        import shutil
+
+        shutil.copyfile(tok, Path(out_dir) / "tokenizer.json")
+    click.echo(f"wrote {out_dir} (LlamaForCausalLM, {model.config.n_virtual_layers} layers)")
+
+
+def main() -> None:
+    cli.main(prog_name="speedec")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Model configuration: a frozen, validated description of a looped decoder.
+
+A looped decoder has ``n_unique_layers`` (K) Llama-style layers applied
+``n_loops`` (L) times; virtual layer ``v = loop * K + k`` uses unique layer
+``k = v mod K``. An early exit after ``exit_loop`` loops reads the hidden state
+through the final norm and LM head; SPEED drafts the next token from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    n_unique_layers: int
+    n_loops: int
+    # Loops completed before the early exit; None only for single-loop models,
+    # which have no early exit (and so cannot run the speculative engines).
+    exit_loop: int | None = 1
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "ffn_dim",
+                     "n_unique_layers", "n_loops", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"head_dim = d_model / n_heads = {self.head_dim} must be even for rotary embeddings")
+        if self.exit_loop is None:
+            if self.n_loops != 1:
+                raise ConfigError(
+                    f"exit_loop is required when n_loops > 1 (1 <= exit_loop < {self.n_loops})")
+        else:
+            if isinstance(self.exit_loop, bool) or not isinstance(self.exit_loop, int):
+                raise ConfigError(f"exit_loop must be an integer or null, got {self.exit_loop!r}")
+            if not 1 <= self.exit_loop < self.n_loops:
+                raise ConfigError(
+                    f"exit_loop must satisfy 1 <= exit_loop < n_loops = {self.n_loops}, "
+                    f"got {self.exit_loop}" + (" (use exit_loop: null for a single-loop model)"
+                                               if self.n_loops == 1 else ""))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_virtual_layers(self) -> int:
+        return self.n_unique_layers * self.n_loops
+
+    @property
+    def has_early_exit(self) -> bool:
+        return self.exit_loop is not None
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        required = {f.name for f in fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = required - set(data)
+        if missing:
+            raise ConfigError(f"missing config field(s): {', '.join(sorted(missing))}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+# Named shapes for `speedec init --preset` and the benchmarks.
+PRESETS: dict[str, ModelConfig] = {
+    # Small enough for unit tests; byte-level vocabulary so text prompts work.
+    "tiny": ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=160,
+                        n_unique_layers=2, n_loops=3, exit_loop=1, max_seq_len=512),
+    # Weights (~103 MB float32) far larger than the L3 cache: decoding is
+    # memory-bound, the regime SPEED is made for.
+    "membound": ModelConfig(vocab_size=8192, d_model=1024, n_heads=16, n_kv_heads=16,
+                            ffn_dim=2816, n_unique_layers=2, n_loops=4, exit_loop=1,
+                            max_seq_len=1024),
+    "membound-deep": ModelConfig(vocab_size=8192, d_model=1024, n_heads=16, n_kv_heads=16,
+                                 ffn_dim=2816, n_unique_layers=2, n_loops=8, exit_loop=1,
+                                 max_seq_len=1024),
+}
+
+# Scale of the residual-branch output projections at init for each preset.
+# Random networks with small residual branches keep the hidden state close to
+# the embedding, so the early exit agrees with the final prediction often —
+# a stand-in for a trained model's acceptance (measured, never assumed).
+PRESET_RESIDUAL_SCALE: dict[str, float] = {"tiny": 1.0, "membound": 1.0, "membound-deep": 1.0}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,40 @@
+"""Decoding engines behind one interface, selected by name."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..errors import GenerationError
+from ..model import LoopedLM
+from .autoregressive import AutoregressiveEngine
+from .base import Engine, GenerationResult, GenerationStats, TokenCallback
+from .speed import SpeedEngine
+
+ENGINES: dict[str, type[Engine]] = {
+    AutoregressiveEngine.name: AutoregressiveEngine,
+    SpeedEngine.name: SpeedEngine,
+}
+
+
+def get_engine(name: str, model: LoopedLM) -> Engine:
+    try:
+        cls = ENGINES[name]
+    except (KeyError, TypeError):
+        raise GenerationError(
+            f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}") from None
+    return cls(model)
+
+
+def generate(model: LoopedLM, prompt_ids: Sequence[int], max_new_tokens: int, *,
+             engine: str = "speed", eos_token_id: int | None = None,
+             on_token: TokenCallback | None = None) -> GenerationResult:
+    """Greedy decoding of ``max_new_tokens`` tokens (fewer if EOS is generated).
+
+    All engines return the same tokens (exactly, in float64); they differ in
+    speed. ``on_token`` is called with each token as soon as it is verified.
+    """
+    return get_engine(engine, model).generate(prompt_ids, max_new_tokens,
+                                              eos_token_id=eos_token_id, on_token=on_token)
+
+
+__all__ = ["ENGINES", "Engine", "GenerationResult", "GenerationStats", "generate", "get_engine"]

@@ -1,0 +1,167 @@
+"""What every decoding engine shares: results, request validation, prefill, output."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..cache import KVCache
+from ..errors import GenerationError
+from ..model import LoopedLM
+
+TokenCallback = Callable[[int], None]
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one ``generate`` call. A *step* is one pass over the K unique
+    layers (one read of the shared weights), whatever the number of rows."""
+
+    # Tokens of the prompt.
+    prompt_tokens: int = 0
+    # Tokens generated (verified) and returned.
+    new_tokens: int = 0
+    # Passes over the unique layers after prefill.
+    steps: int = 0
+    # Guessed tokens started in the pipeline.
+    drafts_launched: int = 0
+    # Guesses that the full-depth prediction confirmed.
+    drafts_accepted: int = 0
+    # Guesses that the full-depth prediction contradicted (each causes a flush).
+    drafts_rejected: int = 0
+    # Guesses thrown away unverified (behind a rejected one, or left at the end).
+    drafts_discarded: int = 0
+    # Pipeline flushes.
+    flushes: int = 0
+    # Mean rows (tokens in flight) per step.
+    mean_in_flight: float = 0.0
+    # Seconds spent in prefill, in decoding after it, and in total.
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def acceptance(self) -> float | None:
+        """Accepted / verified guesses; None when no guess was verified."""
+        verified = self.drafts_accepted + self.drafts_rejected
+        return self.drafts_accepted / verified if verified else None
+
+    @property
+    def steps_per_token(self) -> float | None:
+        """Steps per generated token after the first (which prefill produces)."""
+        return self.steps / (self.new_tokens - 1) if self.new_tokens > 1 else None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "acceptance": self.acceptance,
+                "steps_per_token": self.steps_per_token, "tokens_per_s": self.tokens_per_s}
+
+
+@dataclass
+class GenerationResult:
+    # The new token ids (EOS included when it stopped generation).
+    tokens: list[int]
+    # Why generation stopped: "length" (max_new_tokens) or "eos".
+    stop_reason: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class Output:
+    """Collects verified tokens; knows when generation must stop."""
+
+    def __init__(self, max_new_tokens: int, eos_token_id: int | None,
+                 on_token: TokenCallback | None) -> None:
+        self.tokens: list[int] = []
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_id = eos_token_id
+        self.on_token = on_token
+        self.stop_reason: str | None = None
+
+    def emit(self, token: int) -> None:
+        self.tokens.append(token)
+        if self.on_token is not None:
+            self.on_token(token)
+        if token == self.eos_token_id:
+            self.stop_reason = "eos"
+        elif len(self.tokens) >= self.max_new_tokens:
+            self.stop_reason = "length"
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+
+def validate_request(model: LoopedLM, prompt_ids: Sequence[int], max_new_tokens: int,
+                     eos_token_id: int | None) -> list[int]:
+    c = model.config
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.reshape(-1).tolist()
+    prompt = list(prompt_ids)
+    if not prompt:
+        raise GenerationError("the prompt is empty: give at least one token")
+    for t in prompt:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise GenerationError(f"prompt token ids must be integers, got {t!r}")
+        if not 0 <= t < c.vocab_size:
+            raise GenerationError(f"prompt token id {t} is outside the vocabulary (0..{c.vocab_size - 1})")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if len(prompt) + max_new_tokens > c.max_seq_len:
+        raise GenerationError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's max_seq_len ({c.max_seq_len})")
+    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+                                     or not 0 <= eos_token_id < c.vocab_size):
+        raise GenerationError(f"eos_token_id {eos_token_id!r} is outside the vocabulary (0..{c.vocab_size - 1})")
+    return prompt
+
+
+def prefill(model: LoopedLM, cache: KVCache, prompt: list[int]) -> torch.Tensor:
+    """Run the prompt through all L loops in one batched pass; return the final
+    logits ``[V]`` of its last position (they give the first new token)."""
+    layout = model.layout([list(range(len(prompt)))], [0])
+    x = model.embed(torch.tensor([prompt], device=model.device))  # [1, T, D]
+    x = model.run_loops(x, layout, cache, model.config.n_loops)
+    return model.head(x[0, -1])
+
+
+class Engine(ABC):
+    """A decoding strategy. Engines know nothing about text: ids in, ids out."""
+
+    name: ClassVar[str]
+
+    def __init__(self, model: LoopedLM) -> None:
+        self.model = model
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                 eos_token_id: int | None = None,
+                 on_token: TokenCallback | None = None) -> GenerationResult:
+        prompt = validate_request(self.model, prompt_ids, max_new_tokens, eos_token_id)
+        out = Output(max_new_tokens, eos_token_id, on_token)
+        stats = GenerationStats(prompt_tokens=len(prompt))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            cache = KVCache(self.model.config, len(prompt) + max_new_tokens,
+                            dtype=self.model.dtype, device=self.model.device)
+            logits = prefill(self.model, cache, prompt)
+            out.emit(int(logits.argmax()))  # deliberate host sync: the first token
+            stats.prefill_s = time.perf_counter() - start
+            if not out.done:
+                self.decode(cache, len(prompt), out, stats)
+        stats.wall_s = time.perf_counter() - start
+        stats.decode_s = stats.wall_s - stats.prefill_s
+        stats.new_tokens = len(out.tokens)
+        return GenerationResult(tokens=out.tokens, stop_reason=out.stop_reason or "length",
+                                stats=stats)
+
+    @abstractmethod
+    def decode(self, cache: KVCache, first_pos: int, out: Output, stats: GenerationStats) -> None:
+        """Generate until ``out.done``; ``out.tokens[0]`` (at ``first_pos``) is already known."""

@@ -1,0 +1,326 @@
+"""LoopedLM: a Llama-style decoder whose K unique layers are applied L times.
+
+Two ways in:
+
+* ``forward(tokens)`` — training and evaluation: whole sequences, causal
+  self-attention, no cache; returns the final logits and, on request, the
+  logits after every loop (for the early-exit loss and agreement metrics).
+* ``run_loops(x, layout, cache, n_loops)`` — decoding engines: rows of hidden
+  state arranged as G groups of T rows, each group at its own loop and its own
+  positions, reading and writing the engine's :class:`~speedec.cache.KVCache`.
+  One call = ``n_loops`` passes over the K unique layers; every weight matrix
+  is applied to all G*T rows in one matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+
+# Above this many rows, F.linear (one GEMM, good for training) is used. At a
+# few rows, `W @ x.T` keeps MKL on a GEMM path that reads the weights once for
+# all rows; a single row is padded to two because MKL's one-row (GEMV) path
+# runs on one thread on the development machine (measured: 4.7 ms single row
+# against 2.3 ms for two rows over 103 MB of weights).
+_FEW_ROWS = 16
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [..., in] @ weight[out, in].T`` with the fastest formulation for the row count."""
+    rows = x.numel() // x.shape[-1]
+    if rows > _FEW_ROWS or torch.is_grad_enabled():
+        return F.linear(x, weight)
+    # Layouts matter: with a column-major x MKL's product was 5x slower, and a
+    # column-major output pushes attention off its fast kernel, so rows go in
+    # row-major and the (small) result is made row-major again.
+    x2 = x.reshape(rows, x.shape[-1]).contiguous()
+    if rows == 1:
+        out = (weight @ torch.cat((x2, x2)).T)[:, :1]  # [out, 1]
+    else:
+        out = weight @ x2.T  # [out, rows]
+    return out.T.contiguous().reshape(*x.shape[:-1], weight.shape[0])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_table(max_len: int, head_dim: int, theta: float) -> torch.Tensor:
+    """``[max_len, 2, head_dim]``: cos and sin of every position (float64)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)  # [max_len, head_dim], halves repeated
+    return torch.stack((angles.cos(), angles.sin()), dim=1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., heads, hd]`` by per-row angles ``cos/sin [..., 1, hd]`` (half-split pairs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """Where the rows of one ``run_loops`` call sit in the sequence and the cache.
+
+    Rows are G groups of T rows. All rows of group g are at loop ``loops[g]`` at
+    the start of the call and at their own positions.
+    """
+
+    # [G, T] long: the position of every row.
+    positions: torch.Tensor
+    # Loop of each group at the start of the call (host ints, G of them).
+    loops: tuple[int, ...]
+    # Keys read per group: max position + 1.
+    kv_len: int
+    # [G, T, 1, hd] each: rotary angles of every row, in the model's dtype.
+    cos: torch.Tensor
+    sin: torch.Tensor
+    # [G, 1, rep*T, kv_len] bool (True = attend), or None when every row may
+    # read all kv_len keys. Rows are ordered (kv-group member, t) to match the
+    # grouped-query layout of the queries.
+    mask: torch.Tensor | None
+    # [G*T] long: the position of every row, flat (for cache writes).
+    flat_positions: torch.Tensor
+
+    @property
+    def groups(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def rows(self) -> int:
+        return self.positions.shape[1]
+
+    def loop_index(self, shift: int) -> slice | torch.Tensor:
+        """Cache index of the groups' loops after ``shift`` passes: a slice when it can be."""
+        first = self.loops[0] + shift
+        if len(self.loops) == 1:
+            return slice(first, first + 1)
+        stride = self.loops[1] - self.loops[0]
+        if stride > 0 and all(b - a == stride for a, b in zip(self.loops, self.loops[1:])):
+            return slice(first, first + stride * (len(self.loops) - 1) + 1, stride)
+        return torch.tensor(self.loops, device=self.positions.device) + shift
+
+    def loop_ids(self, shift: int) -> torch.Tensor:
+        """``[G*T]`` loop of every row after ``shift`` passes (for cache writes)."""
+        loops = torch.tensor(self.loops, device=self.positions.device) + shift
+        return loops.repeat_interleave(self.rows)
+
+
+class LoopedLayer(nn.Module):
+    """One unique Llama-style layer: RMSNorm, GQA attention with RoPE, SwiGLU MLP.
+
+    q/k/v and gate/up are stored fused so that a step issues one matmul per
+    weight matrix for all rows in flight.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.ffn_dim = c.ffn_dim
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.wqkv = nn.Parameter(torch.empty((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.d_model))
+        self.wo = nn.Parameter(torch.empty(c.d_model, c.n_heads * c.head_dim))
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.w_gate_up = nn.Parameter(torch.empty(2 * c.ffn_dim, c.d_model))
+        self.w_down = nn.Parameter(torch.empty(c.d_model, c.ffn_dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attend) -> torch.Tensor:
+        """``x [G, T, D]``; ``attend(q, k, v)`` maps per-row q/k/v to attention output."""
+        G, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = linear(self.attn_norm(x), self.wqkv)  # [G, T, (H + 2 Hkv) hd]
+        q = qkv[..., : H * hd].reshape(G, T, H, hd)
+        k = qkv[..., H * hd: (H + Hkv) * hd].reshape(G, T, Hkv, hd)
+        v = qkv[..., (H + Hkv) * hd:].reshape(G, T, Hkv, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = attend(q, k, v)  # [G, T, H * hd]
+        x = x + linear(attn, self.wo)
+        gate_up = linear(self.mlp_norm(x), self.w_gate_up)  # [G, T, 2 F]
+        hidden = F.silu(gate_up[..., : self.ffn_dim]) * gate_up[..., self.ffn_dim:]
+        return x + linear(hidden, self.w_down)
+
+
+@dataclass(frozen=True)
+class LoopedOutput:
+    """Result of the training/evaluation forward."""
+
+    # [B, T, V] logits after all loops.
+    logits: torch.Tensor
+    # Loop count -> [B, T, V] logits read out after that many loops (early
+    # exits), for the loops requested.
+    loop_logits: dict[int, torch.Tensor]
+
+
+class LoopedLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(LoopedLayer(config) for _ in range(config.n_unique_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        if config.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.d_model))
+        self.register_buffer(
+            "rope", rope_table(config.max_seq_len, config.head_dim, config.rope_theta),
+            persistent=False)
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- setup
+    def reset_parameters(self, *, std: float = 0.02, residual_scale: float = 1.0,
+                         generator: torch.Generator | None = None) -> None:
+        """Random init: normal(0, std); output projections of the residual
+        branches also scaled by ``residual_scale / sqrt(2 * virtual layers)``."""
+        n_virtual = self.config.n_virtual_layers
+        with torch.no_grad():
+            self.embed.weight.normal_(0.0, std, generator=generator)
+            if self.lm_head is not None:
+                self.lm_head.normal_(0.0, std, generator=generator)
+            for layer in self.layers:
+                for w in (layer.wqkv, layer.w_gate_up):
+                    w.normal_(0.0, std, generator=generator)
+                for w in (layer.wo, layer.w_down):
+                    w.normal_(0.0, std * residual_scale / math.sqrt(2 * n_virtual),
+                              generator=generator)
+                layer.attn_norm.weight.fill_(1.0)
+                layer.mlp_norm.weight.fill_(1.0)
+            self.norm.weight.fill_(1.0)
+
+    @classmethod
+    def random(cls, config: ModelConfig, *, seed: int = 0, residual_scale: float = 1.0,
+               std: float = 0.02) -> LoopedLM:
+        """A model with reproducible random weights (see :meth:`reset_parameters`)."""
+        model = cls(config)
+        model.reset_parameters(std=std, residual_scale=residual_scale,
+                               generator=torch.Generator().manual_seed(seed))
+        return model.eval()
+
+    def save_pretrained(self, directory) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
+        from .storage import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> LoopedLM:
+        """Load a model saved by :meth:`save_pretrained`; errors name the bad file."""
+        from .storage import from_pretrained
+
+        return from_pretrained(directory, dtype=dtype, device=device)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # --------------------------------------------------------------- training
+    def forward(self, tokens: torch.Tensor, *, output_loops: tuple[int, ...] = ()) -> LoopedOutput:
+        """Whole sequences ``tokens [B, T]`` at positions 0..T-1, causal, no cache.
+
+        ``output_loops``: loop counts (1..L-1) after which to also read out
+        logits (the early exits used by the training loss).
+        """
+        c = self.config
+        B, T = tokens.shape
+        if T > c.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {c.max_seq_len}")
+        for n in output_loops:
+            if not 1 <= n < c.n_loops:
+                raise ValueError(f"output_loops entries must be in 1..{c.n_loops - 1}, got {n}")
+        rope = self.rope[:T].to(self.dtype)
+        cos, sin = rope[None, :, 0, None, :], rope[None, :, 1, None, :]  # [1, T, 1, hd]
+        rep = c.n_heads // c.n_kv_heads
+
+        def attend(q, k, v):
+            # [B, T, heads, hd] -> [B, heads, T, hd]; kv heads repeated for GQA.
+            q = q.transpose(1, 2)
+            k = k.transpose(1, 2).repeat_interleave(rep, dim=1)
+            v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return out.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
+
+        x = self.embed(tokens)
+        loop_logits = {}
+        for loop in range(c.n_loops):
+            for layer in self.layers:
+                x = layer(x, cos, sin, attend)
+            if loop + 1 in output_loops:
+                loop_logits[loop + 1] = self.head(x)
+        return LoopedOutput(logits=self.head(x), loop_logits=loop_logits)
+
+    # ---------------------------------------------------------------- engines
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: ``[..., D] -> [..., V]`` (also the early exit)."""
+        return linear(self.norm(x), self.head_weight)
+
+    def layout(self, positions: list[list[int]], loops: list[int] | tuple[int, ...]) -> StepLayout:
+        """Describe G groups of T rows: ``positions[g][t]``, group g at loop ``loops[g]``."""
+        c = self.config
+        device = self.device
+        pos = torch.tensor(positions, dtype=torch.long, device=device)  # [G, T]
+        G, T = pos.shape
+        kv_len = int(max(max(row) for row in positions)) + 1
+        rope = self.rope[pos].to(self.dtype)  # [G, T, 2, hd]
+        cos, sin = rope[:, :, 0, None, :], rope[:, :, 1, None, :]
+        if G == 1 and T == 1:
+            mask = None  # one row reading exactly its kv_len keys
+        else:
+            rep = c.n_heads // c.n_kv_heads
+            keys = torch.arange(kv_len, device=device)
+            mask = keys[None, None, :] <= pos[:, :, None]  # [G, T, S]
+            mask = mask[:, None, None].expand(G, 1, rep, T, kv_len).reshape(G, 1, rep * T, kv_len)
+        return StepLayout(positions=pos, loops=tuple(loops), kv_len=kv_len, cos=cos, sin=sin,
+                          mask=mask, flat_positions=pos.reshape(-1))
+
+    def run_loops(self, x: torch.Tensor, layout: StepLayout, cache: KVCache,
+                  n_loops: int) -> torch.Tensor:
+        """``n_loops`` passes over the K unique layers for rows ``x [G, T, D]``.
+
+        Each row writes its key/value at (its virtual layer, its position) and
+        attends over its own virtual layer's cache up to its own position.
+        """
+        c = self.config
+        G, T = layout.groups, layout.rows
+        Hkv, rep, hd = c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim
+        for shift in range(n_loops):
+            loop_ids = layout.loop_ids(shift)
+            loop_index = layout.loop_index(shift)
+            for k_unique, layer in enumerate(self.layers):
+                def attend(q, k, v, k_unique=k_unique, loop_ids=loop_ids, loop_index=loop_index):
+                    cache.write(k_unique, loop_ids, layout.flat_positions,
+                                k.reshape(G * T, Hkv, hd), v.reshape(G * T, Hkv, hd))
+                    keys, values = cache.read(k_unique, loop_index, layout.kv_len)  # [G, S, Hkv, hd]
+                    # Queries grouped by kv head: [G, T, Hkv, rep, hd] -> [G, Hkv, rep*T, hd].
+                    q = q.reshape(G, T, Hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(G, Hkv, rep * T, hd)
+                    out = F.scaled_dot_product_attention(
+                        q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=layout.mask)
+                    # [G, Hkv, rep*T, hd] -> [G, T, H*hd]
+                    return out.reshape(G, Hkv, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(G, T, -1)
+                x = layer(x, layout.cos, layout.sin, attend)
+        return x

@@ -1,0 +1,85 @@
+"""Model builders shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from speedec import LoopedLM, ModelConfig
+
+
+def random_model(config: ModelConfig, *, seed: int = 0, std: float = 0.5, residual_scale: float = 3.0,
+                 dtype: torch.dtype = torch.float64) -> LoopedLM:
+    """A random model with enough signal that its greedy output varies (not one repeated token)."""
+    return LoopedLM.random(config, seed=seed, std=std, residual_scale=residual_scale).to(dtype)
+
+
+def small_config(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=40, d_model=32, n_heads=4, n_kv_heads=2, ffn_dim=48, n_unique_layers=2,
+                  n_loops=3, exit_loop=1, max_seq_len=128)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def mapping_model(exit_map: list[int], final_map: list[int], *, n_loops: int = 3,
+                  exit_loop: int = 1) -> LoopedLM:
+    """A hand-built model: after ``exit_loop`` loops token t predicts ``exit_map[t]``,
+    after all loops it predicts ``final_map[t]`` (float64, no attention).
+
+    Residual stream: dims A (0..V-1) hold the token one-hot, dims B (V..2V-1)
+    a counter that the MLP grows by about 0.5 per loop in the token's own B
+    dim. The head reads A through ``exit_map`` and B through ``final_map``, so
+    the B logit overtakes the A logit (at 1.0) between the exit and the end.
+    """
+    V = len(exit_map)
+    assert len(final_map) == V
+    D = 2 * V
+    config = ModelConfig(vocab_size=V, d_model=D, n_heads=2, n_kv_heads=1, ffn_dim=V, n_unique_layers=1,
+                         n_loops=n_loops, exit_loop=exit_loop, max_seq_len=256, tie_embeddings=False,
+                         norm_eps=1e-12)
+    model = LoopedLM(config).to(torch.float64)
+    growth = _counter_growth(D, n_loops, exit_loop)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.norm.weight.fill_(1.0)
+        model.embed.weight.copy_(torch.eye(V, D, dtype=torch.float64))
+        layer = model.layers[0]
+        layer.attn_norm.weight.fill_(1.0)
+        layer.mlp_norm.weight.fill_(1.0)
+        # ffn unit i: silu(n_Ai) * n_Ai, non-zero only for the current token i.
+        layer.w_gate_up[:V, :V] = torch.eye(V, dtype=torch.float64)
+        layer.w_gate_up[V:, :V] = torch.eye(V, dtype=torch.float64)
+        layer.w_down[V:, :] = growth * torch.eye(V, dtype=torch.float64)
+        for t in range(V):
+            model.lm_head[exit_map[t], t] += 1.0
+            model.lm_head[final_map[t], V + t] += 1.0
+    return model.eval()
+
+
+def _counter_growth(D: int, n_loops: int, exit_loop: int) -> float:
+    """Scale so the counter is < 1 after ``exit_loop`` loops and > 1 after ``n_loops``.
+
+    Aim for the crossing of 1.0 midway between the two loop counts.
+    """
+    import math
+
+    def counter_after(loops: int, g: float) -> float:
+        b = 0.0
+        for _ in range(loops):
+            n_a = 1.0 / math.sqrt((1.0 + b * b) / D)  # normalised A component
+            b += g * n_a * n_a / (1.0 + math.exp(-n_a))
+        return b
+
+    target = (exit_loop + n_loops) / 2
+    lo, hi = 1e-6, 10.0
+    for _ in range(200):  # bisect: counter after `target` loops (interpolated) == 1
+        mid = (lo + hi) / 2
+        c = counter_after(math.floor(target), mid)
+        c2 = counter_after(math.ceil(target), mid)
+        if (c + c2) / 2 < 1.0:
+            lo = mid
+        else:
+            hi = mid
+    g = (lo + hi) / 2
+    assert counter_after(exit_loop, g) < 0.9 and counter_after(n_loops, g) > 1.1, "no margin"
+    return g

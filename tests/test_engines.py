@@ -1,0 +1,238 @@
+"""Exactness and bookkeeping of the decoding engines."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import mapping_model, random_model, small_config
+from speedec import ENGINES, GenerationError, ModelConfig, generate
+from speedec.cache import KVCache
+from speedec.engines import get_engine
+
+
+@st.composite
+def configs(draw):
+    n_kv = draw(st.integers(1, 2))
+    n_heads = n_kv * draw(st.integers(1, 3))
+    head_dim = draw(st.sampled_from([2, 4, 8]))
+    n_loops = draw(st.integers(2, 5))
+    return ModelConfig(
+        vocab_size=draw(st.integers(3, 64)), d_model=n_heads * head_dim, n_heads=n_heads, n_kv_heads=n_kv,
+        ffn_dim=draw(st.integers(2, 48)), n_unique_layers=draw(st.integers(1, 3)), n_loops=n_loops,
+        exit_loop=draw(st.integers(1, n_loops - 1)), max_seq_len=96,
+        tie_embeddings=draw(st.booleans()))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=configs(), seed=st.integers(0, 2**16), data=st.data())
+def test_speed_equals_autoregressive_float64(config, seed, data):
+    model = random_model(config, seed=seed, std=data.draw(st.sampled_from([0.3, 0.7, 1.5])),
+                         residual_scale=data.draw(st.sampled_from([1.0, 4.0, 10.0])))
+    rng = random.Random(seed)
+    prompt = [rng.randrange(config.vocab_size) for _ in range(data.draw(st.integers(1, 12)))]
+    n_new = data.draw(st.integers(1, 40))
+    ref = generate(model, prompt, n_new, engine="autoregressive")
+    assert len(ref.tokens) == n_new
+    eos = None
+    if data.draw(st.booleans()):
+        eos = ref.tokens[data.draw(st.integers(0, n_new - 1))]  # an EOS that does occur
+        ref = generate(model, prompt, n_new, engine="autoregressive", eos_token_id=eos)
+        assert ref.tokens[-1] == eos and eos not in ref.tokens[:-1]
+    out = generate(model, prompt, n_new, engine="speed", eos_token_id=eos)
+    assert out.tokens == ref.tokens
+    assert out.stop_reason == ref.stop_reason
+    s = out.stats
+    assert s.drafts_launched == s.drafts_accepted + s.drafts_rejected + s.drafts_discarded
+    assert s.flushes == s.drafts_rejected
+    assert s.new_tokens == len(out.tokens)
+
+
+def _top2_gap(model, ids):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_speed_float32_differs_only_at_near_ties(seed):
+    config = small_config(vocab_size=64, n_loops=4, exit_loop=1)
+    model = random_model(config, seed=seed, std=0.7, residual_scale=4.0, dtype=torch.float32)
+    prompt = list(range(1, 9))
+    ref = generate(model, prompt, 60, engine="autoregressive").tokens
+    out = generate(model, prompt, 60, engine="speed").tokens
+    for i, (a, b) in enumerate(zip(ref, out)):
+        if a != b:
+            gap = _top2_gap(model, prompt + ref[:i])
+            assert gap < 1e-4, f"divergence at token {i} with a top-2 logit gap of {gap}"
+            break
+    else:
+        assert ref == out
+
+
+def _maps(V, agree_every):
+    rng = random.Random(1)
+    exit_map = list(range(V))
+    rng.shuffle(exit_map)
+    wrong = [(x + 1) % V for x in exit_map]
+    final_map = [exit_map[t] if agree_every and t % agree_every == 0 else wrong[t] for t in range(V)]
+    return exit_map, final_map
+
+
+@pytest.mark.parametrize("n_loops,exit_loop", [(3, 1), (4, 1), (5, 2)])
+def test_early_exit_always_agrees(n_loops, exit_loop):
+    exit_map, _ = _maps(10, 0)
+    model = mapping_model(exit_map, exit_map, n_loops=n_loops, exit_loop=exit_loop)
+    ref = generate(model, [2, 5], 40, engine="autoregressive")
+    out = generate(model, [2, 5], 40, engine="speed")
+    assert out.tokens == ref.tokens
+    s = out.stats
+    assert s.acceptance == 1.0 and s.drafts_rejected == 0 and s.flushes == 0
+    # One draft per verified token after the first; the pipeline never drains.
+    assert s.drafts_accepted == 38
+    assert s.steps == 39 * exit_loop + (n_loops - exit_loop)
+    assert s.mean_in_flight > 1.5
+
+
+@pytest.mark.parametrize("n_loops,exit_loop", [(3, 1), (4, 2)])
+def test_early_exit_never_agrees(n_loops, exit_loop):
+    exit_map, final_map = _maps(10, 0)
+    model = mapping_model(exit_map, final_map, n_loops=n_loops, exit_loop=exit_loop)
+    ref = generate(model, [2, 5], 30, engine="autoregressive")
+    out = generate(model, [2, 5], 30, engine="speed")
+    assert out.tokens == ref.tokens
+    s = out.stats
+    assert s.acceptance == 0.0 and s.drafts_accepted == 0
+    assert s.drafts_rejected == s.flushes == 28  # the last slot needs no successor
+    assert s.steps == 29 * n_loops  # no gain, no loss in steps
+    # every generated token is the model's final prediction, not the guess
+    assert all(final_map[a] == b for a, b in zip(out.tokens, out.tokens[1:]))
+
+
+def test_early_exit_sometimes_agrees():
+    exit_map, final_map = _maps(10, 2)
+    model = mapping_model(exit_map, final_map, n_loops=4, exit_loop=1)
+    ref = generate(model, [3], 40, engine="autoregressive")
+    out = generate(model, [3], 40, engine="speed")
+    assert out.tokens == ref.tokens
+    expected_accept = sum(exit_map[t] == final_map[t] for t in ref.tokens[:-2])
+    s = out.stats
+    assert s.drafts_accepted == expected_accept
+    assert s.drafts_accepted + s.drafts_rejected == 38  # slots of tokens 1..38 draft
+    assert 0.0 < s.acceptance < 1.0
+
+
+class _CountMatmuls(TorchDispatchMode):
+    """Counts matrix products per weight tensor, and attention calls."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.ptrs = {w.untyped_storage().data_ptr(): name for name, w in weights.items()}
+        self.calls = {name: 0 for name in weights}
+        self.attention = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "matmul", "linear", "mv"):
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    name = self.ptrs.get(a.untyped_storage().data_ptr())
+                    if name is not None:
+                        self.calls[name] += 1
+        if "scaled_dot_product" in func.__name__:
+            self.attention += 1
+        return func(*args, **kwargs)
+
+
+def _weights(model):
+    return {n: p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n} | {
+        "head": model.head_weight}
+
+
+def test_one_matmul_per_weight_per_step():
+    config = small_config(n_loops=4, exit_loop=1)
+    model = random_model(config, dtype=torch.float32)
+    cache = KVCache(config, 64, dtype=model.dtype)
+    slots = 4
+    layout = model.layout([[20 - g] for g in range(slots)], list(range(slots)))
+    x = torch.randn(slots, 1, config.d_model)
+    with torch.inference_mode(), _CountMatmuls(_weights(model)) as counter:
+        model.run_loops(x, layout, cache, 1)
+    for name, calls in counter.calls.items():
+        if name != "head":
+            assert calls == 1, f"{name} read {calls} times in one step of {slots} slots"
+    assert counter.attention == config.n_unique_layers  # attention batched over the slots too
+
+
+def test_weight_reads_equal_steps_in_generation():
+    config = small_config(n_loops=4, exit_loop=1)
+    model = random_model(config, dtype=torch.float32, std=0.02, residual_scale=1.0)
+    prompt = [1, 2, 3]
+    with torch.inference_mode(), _CountMatmuls(_weights(model)) as counter:
+        out = generate(model, prompt, 30, engine="speed")
+    s = out.stats
+    assert s.mean_in_flight > 2  # several slots per step, yet one read per step:
+    for name, calls in counter.calls.items():
+        if name != "head":
+            assert calls == s.steps + config.n_loops, name  # decode steps + prefill passes
+    # One LM-head product per step at most (exit and final rows batched) plus prefill.
+    assert counter.calls["head"] <= s.steps + 1
+
+
+def test_eos_stops_generation_and_is_returned():
+    config = small_config()
+    model = random_model(config, seed=3)
+    ref = generate(model, [1, 2], 20, engine="autoregressive").tokens
+    eos = ref[5]
+    first = ref.index(eos)
+    for engine in ENGINES:
+        out = generate(model, [1, 2], 20, engine=engine, eos_token_id=eos)
+        assert out.tokens == ref[: first + 1]
+        assert out.stop_reason == "eos"
+
+
+def test_max_new_tokens_one_and_prompt_at_limit():
+    config = small_config(max_seq_len=16)
+    model = random_model(config)
+    for engine in ENGINES:
+        assert len(generate(model, [1], 1, engine=engine).tokens) == 1
+        assert len(generate(model, list(range(10)), 6, engine=engine).tokens) == 6
+    a = generate(model, list(range(10)), 6, engine="autoregressive").tokens
+    assert generate(model, list(range(10)), 6, engine="speed").tokens == a
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompt_ids=[], max_new_tokens=3), "empty"),
+    (dict(prompt_ids=[1, 99], max_new_tokens=3), "outside the vocabulary"),
+    (dict(prompt_ids=[1, -1], max_new_tokens=3), "outside the vocabulary"),
+    (dict(prompt_ids=[1, "a"], max_new_tokens=3), "integers"),
+    (dict(prompt_ids=[1], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt_ids=[1] * 10, max_new_tokens=200), "max_seq_len"),
+    (dict(prompt_ids=[1], max_new_tokens=3, eos_token_id=40), "eos_token_id"),
+    (dict(prompt_ids=[1], max_new_tokens=3, engine="beam"), "unknown engine"),
+])
+def test_bad_requests_raise_generation_error(kwargs, match):
+    model = random_model(small_config())
+    with pytest.raises(GenerationError, match=match):
+        generate(model, **kwargs)
+
+
+def test_speed_engine_needs_an_early_exit():
+    config = small_config(n_loops=1, exit_loop=None)
+    model = random_model(config)
+    with pytest.raises(GenerationError, match="early exit"):
+        get_engine("speed", model)
+    assert len(generate(model, [1, 2], 5, engine="autoregressive").tokens) == 5
+
+
+def test_streaming_callback_sees_tokens_in_order():
+    model = random_model(small_config())
+    seen = []
+    out = generate(model, [1, 2], 15, engine="speed", on_token=seen.append)
+    assert seen == out.tokens
