@@ -44,13 +44,17 @@ def test_speed_equals_autoregressive_float64(config, seed, data):
         eos = ref.tokens[data.draw(st.integers(0, n_new - 1))]  # an EOS that does occur
         ref = generate(model, prompt, n_new, engine="autoregressive", eos_token_id=eos)
         assert ref.tokens[-1] == eos and eos not in ref.tokens[:-1]
-    out = generate(model, prompt, n_new, engine="speed", eos_token_id=eos)
-    assert out.tokens == ref.tokens
-    assert out.stop_reason == ref.stop_reason
-    s = out.stats
-    assert s.drafts_launched == s.drafts_accepted + s.drafts_rejected + s.drafts_discarded
-    assert s.flushes == s.drafts_rejected
-    assert s.new_tokens == len(out.tokens)
+    for engine, options in (("speed", {}),
+                            ("self-speculative", {"draft_tokens": data.draw(st.integers(1, 6))})):
+        out = generate(model, prompt, n_new, engine=engine, eos_token_id=eos, **options)
+        assert out.tokens == ref.tokens, engine
+        assert out.stop_reason == ref.stop_reason
+        s = out.stats
+        assert s.drafts_launched >= s.drafts_accepted + s.drafts_rejected + s.drafts_discarded
+        if engine == "speed":
+            assert s.drafts_launched == s.drafts_accepted + s.drafts_rejected + s.drafts_discarded
+        assert s.flushes == s.drafts_rejected
+        assert s.new_tokens == len(out.tokens)
 
 
 def _top2_gap(model, ids):
@@ -183,6 +187,37 @@ def test_weight_reads_equal_steps_in_generation():
             assert calls == s.steps + config.n_loops, name  # decode steps + prefill passes
     # One LM-head product per step at most (exit and final rows batched) plus prefill.
     assert counter.calls["head"] <= s.steps + 1
+    assert counter.calls["head"] == s.lm_head_calls + 1
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_self_speculative_accepts_all_none_and_some(k):
+    exit_map, wrong = _maps(10, 0)
+    _, some = _maps(10, 2)
+    for final_map, check in ((exit_map, "all"), (wrong, "none"), (some, "some")):
+        model = mapping_model(exit_map, final_map, n_loops=4, exit_loop=1)
+        ref = generate(model, [3], 30, engine="autoregressive")
+        out = generate(model, [3], 30, engine="self-speculative", draft_tokens=k)
+        assert out.tokens == ref.tokens
+        s = out.stats
+        if check == "all":
+            assert s.acceptance == 1.0 and s.flushes == 0
+            rounds = -(-29 // (k + 1))  # k + 1 tokens per round
+            assert s.steps <= rounds * ((k + 1) * 1 + 3)
+        elif check == "none":
+            assert s.acceptance == 0.0 and s.drafts_accepted == 0
+            # one token per round; a round with r tokens left drafts min(k, r - 1)
+            assert s.steps == sum(min(k, r - 1) + 1 + 3 for r in range(1, 30))
+        else:
+            assert 0.0 < s.acceptance < 1.0
+
+
+def test_unknown_engine_option_is_a_generation_error():
+    model = random_model(small_config())
+    with pytest.raises(GenerationError, match="takes no option 'draft_tokens'"):
+        generate(model, [1], 3, engine="speed", draft_tokens=2)
+    with pytest.raises(GenerationError, match="draft_tokens"):
+        generate(model, [1], 3, engine="self-speculative", draft_tokens=0)
 
 
 def test_eos_stops_generation_and_is_returned():

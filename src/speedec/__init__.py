@@ -11,6 +11,7 @@ from .errors import (
     TokenizerError,
     TrainingError,
 )
+from .hf import export_hf
 from .model import LoopedLM
 
 __version__ = "0.1.0"
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ENGINES", "PRESETS", "ConfigError", "DataError", "GenerationError", "GenerationResult",
     "GenerationStats", "LoopedLM", "ModelConfig", "ModelLoadError", "SpeedecError",
-    "TokenizerError", "TrainingError", "generate",
+    "TokenizerError", "TrainingError", "export_hf", "generate",
 ]

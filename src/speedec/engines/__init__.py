@@ -8,32 +8,36 @@ from ..errors import GenerationError
 from ..model import LoopedLM
 from .autoregressive import AutoregressiveEngine
 from .base import Engine, GenerationResult, GenerationStats, TokenCallback
+from .self_speculative import SelfSpeculativeEngine
 from .speed import SpeedEngine
 
 ENGINES: dict[str, type[Engine]] = {
     AutoregressiveEngine.name: AutoregressiveEngine,
     SpeedEngine.name: SpeedEngine,
+    SelfSpeculativeEngine.name: SelfSpeculativeEngine,
 }
 
 
-def get_engine(name: str, model: LoopedLM) -> Engine:
+def get_engine(name: str, model: LoopedLM, **options) -> Engine:
     try:
         cls = ENGINES[name]
     except (KeyError, TypeError):
         raise GenerationError(
             f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}") from None
-    return cls(model)
+    return cls.create(model, **options)
 
 
 def generate(model: LoopedLM, prompt_ids: Sequence[int], max_new_tokens: int, *,
              engine: str = "speed", eos_token_id: int | None = None,
-             on_token: TokenCallback | None = None) -> GenerationResult:
+             on_token: TokenCallback | None = None, **engine_options) -> GenerationResult:
     """Greedy decoding of ``max_new_tokens`` tokens (fewer if EOS is generated).
 
     All engines return the same tokens (exactly, in float64); they differ in
     speed. ``on_token`` is called with each token as soon as it is verified.
+    ``engine_options`` go to the engine (e.g. ``draft_tokens=4`` for
+    ``self-speculative``).
     """
-    return get_engine(engine, model).generate(prompt_ids, max_new_tokens,
+    return get_engine(engine, model, **engine_options).generate(prompt_ids, max_new_tokens,
                                               eos_token_id=eos_token_id, on_token=on_token)
 
 

@@ -20,6 +20,7 @@ class AutoregressiveEngine(Engine):
             x = model.embed(torch.tensor([[out.tokens[-1]]], device=model.device))  # [1, 1, D]
             x = model.run_loops(x, layout, cache, n_loops)
             stats.steps += n_loops
+            stats.lm_head_calls += 1
             out.emit(int(model.head(x[0, 0]).argmax()))  # deliberate host sync: one per token
             pos += 1
         stats.mean_in_flight = 1.0 if stats.steps else 0.0

@@ -38,6 +38,8 @@ class GenerationStats:
     drafts_discarded: int = 0
     # Pipeline flushes.
     flushes: int = 0
+    # LM-head matmuls after prefill (each reads the vocabulary x d_model head once).
+    lm_head_calls: int = 0
     # Mean rows (tokens in flight) per step.
     mean_in_flight: float = 0.0
     # Seconds spent in prefill, in decoding after it, and in total.
@@ -140,6 +142,17 @@ class Engine(ABC):
 
     def __init__(self, model: LoopedLM) -> None:
         self.model = model
+
+    @classmethod
+    def create(cls, model: LoopedLM, **options) -> Engine:
+        """Build the engine; an option it does not take is a GenerationError."""
+        try:
+            return cls(model, **options)
+        except TypeError as exc:
+            if "unexpected keyword argument" not in str(exc):
+                raise
+            bad = str(exc).split("argument")[-1].strip(" '")
+            raise GenerationError(f"engine {cls.name!r} takes no option {bad!r}") from None
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
                  eos_token_id: int | None = None,

@@ -78,6 +78,7 @@ class SpeedEngine(Engine):
             if not rows:
                 continue
             ids = model.head(x[rows, 0]).argmax(-1).tolist()  # deliberate host sync: once per step
+            stats.lm_head_calls += 1
             verified = ids[0] if wants_final else None
             guess = ids[-1] if wants_draft else None
 
