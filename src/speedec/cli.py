@@ -120,7 +120,9 @@ def init(preset_name, config_file, out, seed, residual_scale, force) -> None:
 @click.option("--prompt", help="Prompt text.")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
-@click.option("--engine", default="speed", show_default=True, help="speed or autoregressive.")
+@click.option("--engine", default="speed", show_default=True,
+              help="speed, autoregressive or self-speculative.")
+@click.option("--draft-tokens", type=int, default=None, help="Guesses per round (self-speculative).")
 @click.option("--eos-token-id", type=int, default=None,
               help="Stop at this token (default: the tokenizer's end-of-text, if any).")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
@@ -128,7 +130,7 @@ def init(preset_name, config_file, out, seed, residual_scale, force) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
 @click.option("--stream", is_flag=True, help="Print text as tokens are verified.")
-def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, eos_token_id,
+def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, draft_tokens, eos_token_id,
              dtype, device, threads, as_json, stream) -> None:
     """Generate a continuation of a prompt (greedy; every engine gives the same tokens)."""
     from .engines import ENGINES
@@ -162,8 +164,9 @@ def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, 
         eos_token_id = tokenizer.eos_token_id
 
     printer = _StreamPrinter(tokenizer) if stream and not as_json else None
+    options = {} if draft_tokens is None else {"draft_tokens": draft_tokens}
     result = run_generate(model, ids, max_new_tokens, engine=engine, eos_token_id=eos_token_id,
-                          on_token=printer.add if printer else None)
+                          on_token=printer.add if printer else None, **options)
     text = tokenizer.decode(result.tokens) if tokenizer is not None else None
     if as_json:
         click.echo(json.dumps({"engine": engine, "prompt_ids": ids, "tokens": result.tokens,
@@ -219,6 +222,83 @@ def export_hf_cmd(model_dir, out_dir) -> None:
 
         shutil.copyfile(tok, Path(out_dir) / "tokenizer.json")
     click.echo(f"wrote {out_dir} (LlamaForCausalLM, {model.config.n_virtual_layers} layers)")
+
+
+@cli.command()
+@click.option("--preset", "preset_name", default="membound", show_default=True,
+              help="membound, membound-deep, tiny, or default (the bundled model).")
+@click.option("--model", "model_dir", default=None, help="Benchmark a saved model instead of a preset.")
+@click.option("--engines", default="autoregressive,speed,self-speculative,hf-generate,hf-early-exit",
+              show_default=True, help="Comma-separated: speedec engines, hf-generate, hf-early-exit.")
+@click.option("--draft-tokens", default="1,2,3,4", show_default=True,
+              help="k values for self-speculative (one row each).")
+@click.option("--prompts", "n_prompts", default=4, show_default=True, type=int)
+@click.option("--prompt-len", default=16, show_default=True, type=int)
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--repeats", default=5, show_default=True, type=int)
+@click.option("--warmup", default=1, show_default=True, type=int)
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
+@click.option("--plots", "plots_dir", default=None, help="Write PNG plots into this directory.")
+def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, max_new_tokens, repeats,
+          warmup, threads, seed, json_path, plots_dir) -> None:
+    """Measure engines side by side (interleaved, paired) and print a table."""
+    from .bench import measure_bandwidth, run_benchmark
+    from .bench.report import format_table, write_json, write_plots
+    from .bench.runner import EngineSpec
+    from .bench.setup import build_model, hf_supports_early_exit, load_hf_peer, make_prompts
+    from .engines import ENGINES
+
+    for name, value in (("--prompts", n_prompts), ("--prompt-len", prompt_len),
+                        ("--max-new-tokens", max_new_tokens), ("--repeats", repeats), ("--threads", threads)):
+        if value < 1:
+            raise click.UsageError(f"{name} must be >= 1, got {value}")
+    torch.set_num_threads(threads)
+    if preset_name == "default" and model_dir is None:
+        model_dir = str(resolve_model_dir(None))
+    model = build_model(preset_name, seed=seed, model_dir=model_dir)
+    label = preset_name if model_dir is None or preset_name == "default" else Path(model_dir).name
+    specs, notes = [], []
+    for name in [e.strip() for e in engines.split(",") if e.strip()]:
+        if name == "self-speculative":
+            for k in parse_ids(draft_tokens):
+                specs.append(EngineSpec(f"self-speculative k={k}", "ours", name, {"draft_tokens": k}))
+        elif name in ENGINES:
+            specs.append(EngineSpec(name, "ours", name))
+        elif name == "hf-generate":
+            specs.append(EngineSpec(name, "hf", "generate"))
+        elif name == "hf-early-exit":
+            if hf_supports_early_exit():
+                specs.append(EngineSpec(name, "hf", "early-exit"))
+            else:
+                notes.append("the installed transformers has no assistant_early_exit: hf-early-exit skipped")
+        else:
+            raise click.UsageError(f"unknown engine {name!r} in --engines")
+    hf_model = load_hf_peer(model) if any(s.kind == "hf" for s in specs) else None
+    prompts = make_prompts(model, model_dir, count=n_prompts, length=prompt_len, seed=seed)
+    if len(prompts[0]) + max_new_tokens > model.config.max_seq_len:
+        raise click.UsageError("--prompt-len + --max-new-tokens exceeds the model's max_seq_len")
+    click.echo("measuring memory bandwidth...", err=True)
+    bandwidth = measure_bandwidth()
+    from tqdm import tqdm
+
+    total = repeats * (len(specs) + (0 if any(s.engine == "autoregressive" for s in specs) else 1))
+    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, leave=False) as bar:
+        def progress(message):
+            bar.set_postfix_str(message)
+            bar.update(1)
+        report = run_benchmark(model, specs, prompts, max_new_tokens=max_new_tokens, repeats=repeats,
+                               warmup=warmup, hf_model=hf_model, bandwidth=bandwidth, preset=label,
+                               progress=progress)
+    report.notes.extend(notes)
+    click.echo(format_table(report))
+    if json_path:
+        write_json(report, json_path)
+        click.echo(f"wrote {json_path}", err=True)
+    if plots_dir:
+        for path in write_plots(report, plots_dir):
+            click.echo(f"wrote {path}", err=True)
 
 
 @cli.group()

@@ -1,0 +1,73 @@
+"""What a benchmark runs on: the model, the prompts, the Hugging Face peer."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..config import PRESET_RESIDUAL_SCALE, preset
+from ..errors import SpeedecError
+from ..hf import export_hf
+from ..model import LoopedLM
+from ..tokenizer import TOKENIZER_FILE, load_tokenizer
+
+# Opening lines in the style of the training corpus, for models with a tokenizer.
+ENGLISH_PROMPTS = [
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
+    "And God said, Let there be light: and there was light. And God saw the light,",
+    "The committee met on Tuesday afternoon to consider the proposal, and after a long debate",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+    "She walked slowly down to the harbour, where the boats were coming in with the evening tide",
+    "He had never seen the city so quiet. The streets were empty, and the shops were closed,",
+    "Once upon a time there lived a poor miller who had a beautiful daughter, and one day",
+    "The results of the survey were published in the spring, and they showed that most families",
+]
+
+
+def build_model(preset_name: str, *, seed: int = 0, model_dir: str | Path | None = None) -> LoopedLM:
+    """A preset's random-weight model, or a saved model when ``model_dir`` is given."""
+    if model_dir is not None:
+        return LoopedLM.from_pretrained(model_dir)
+    return LoopedLM.random(preset(preset_name), seed=seed,
+                           residual_scale=PRESET_RESIDUAL_SCALE.get(preset_name, 1.0))
+
+
+def make_prompts(model: LoopedLM, model_dir: str | Path | None, *, count: int, length: int,
+                 seed: int = 0) -> list[list[int]]:
+    """English prompts when the model has a tokenizer, else seeded random ids."""
+    if model_dir is not None and (Path(model_dir) / TOKENIZER_FILE).is_file():
+        tok = load_tokenizer(model_dir, model.config.vocab_size)
+        prompts = [tok.encode(text)[:length] for text in ENGLISH_PROMPTS]
+        return [prompts[i % len(prompts)] for i in range(count)]
+    rng = random.Random(seed)
+    return [[rng.randrange(model.config.vocab_size) for _ in range(length)] for _ in range(count)]
+
+
+def load_hf_peer(model: LoopedLM):
+    """The model exported as a transformers Llama (K*L layers), in the model's dtype."""
+    try:
+        import transformers
+    except ImportError:
+        raise SpeedecError("the Hugging Face peers need transformers: pip install 'speedec[hf]'") from None
+    transformers.logging.set_verbosity_error()  # its deprecation chatter would garble the table
+    with tempfile.TemporaryDirectory(prefix="speedec-hf-") as tmp:
+        export_hf(model, tmp)
+        hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=model.dtype)
+    return hf.eval()
+
+
+def hf_supports_early_exit() -> bool:
+    try:
+        from transformers import GenerationConfig
+    except ImportError:
+        return False
+    return hasattr(GenerationConfig(), "assistant_early_exit")
+
+
+def threads(n: int | None) -> int:
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
