@@ -1,0 +1,151 @@
+"""Translation: encode the source once, then decode greedily with a decoding engine.
+
+Once a source sentence is encoded, the decoder of an :class:`EncDecLM` is a
+looped decoder-only model in every respect that decoding touches: K unique
+layers applied L times, a self-attention KV cache addressed by virtual layer
+and position, an early exit after ``exit_loop`` loops. The only difference is
+cross-attention, and its keys and values (the :class:`EncoderMemory`) are
+fixed for the whole request. :class:`ConditionedDecoder` binds the two and
+presents the decoder through the interface the decoder-only engines drive,
+so the very same autoregressive, SPEED and self-speculative engines of
+:mod:`speedec.engines` decode translations: one pipeline implementation,
+statistics with one meaning, exactness proven once for both settings.
+
+A request runs: validate -> encode (encoder pass + K cross-attention K/V
+products) -> prefill the start token through all L decoder loops -> the
+engine's ``decode``. The memory lives exactly as long as the request, next
+to the self-attention cache, and is never recomputed per loop or per slot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ..cache import KVCache
+from ..config import ModelConfig
+from ..engines.autoregressive import AutoregressiveEngine
+from ..engines.base import Engine, GenerationResult, GenerationStats, Output, TokenCallback, prefill
+from ..engines.self_speculative import SelfSpeculativeEngine
+from ..engines.speed import SpeedEngine
+from ..errors import GenerationError
+from ..model import StepLayout
+from .model import EncDecLM, EncoderMemory
+
+# Decoder-only engines that only use the interface ConditionedDecoder offers.
+TRANSLATION_ENGINES: dict[str, type[Engine]] = {
+    AutoregressiveEngine.name: AutoregressiveEngine,
+    SpeedEngine.name: SpeedEngine,
+    SelfSpeculativeEngine.name: SelfSpeculativeEngine,
+}
+
+
+class ConditionedDecoder:
+    """The decoder of ``model`` bound to one encoded source sentence.
+
+    Offers what the decoder-only engines use of :class:`speedec.model.LoopedLM`:
+    ``config`` (the decoder as a :class:`ModelConfig`), ``embed``, ``layout``,
+    ``run_loops``, ``head``, ``dtype`` and ``device``. ``run_loops`` adds the
+    cross-attention over the bound memory.
+    """
+
+    def __init__(self, model: EncDecLM, memory: EncoderMemory) -> None:
+        if memory.batch_size != 1:
+            raise GenerationError(f"a decoder is bound to one source sentence, got {memory.batch_size}")
+        self.model = model
+        self.memory = memory
+        self.config: ModelConfig = model.config.decoder_config
+        self.embed = model.embed
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def layout(self, positions: Sequence[Sequence[int]], loops: Sequence[int]) -> StepLayout:
+        return self.model.decoder_layout(positions, loops)
+
+    def run_loops(self, x: torch.Tensor, layout: StepLayout, cache: KVCache, n_loops: int) -> torch.Tensor:
+        return self.model.run_decoder_loops(x, layout, cache, self.memory, n_loops)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(x)
+
+
+def validate_translation(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
+                         eos_token_id: int | None, bos_token_id: int) -> list[int]:
+    """The source as a list of ids; a GenerationError naming the first problem."""
+    c = model.config
+    if isinstance(src_ids, torch.Tensor):
+        src_ids = src_ids.reshape(-1).tolist()
+    src = list(src_ids)
+    if not src:
+        raise GenerationError("the source sentence is empty: give at least one token")
+    for t in src:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise GenerationError(f"source token ids must be integers, got {t!r}")
+        if not 0 <= t < c.vocab_size:
+            raise GenerationError(f"source token id {t} is outside the vocabulary (0..{c.vocab_size - 1})")
+    if len(src) > c.max_source_len:
+        raise GenerationError(
+            f"the source ({len(src)} tokens) exceeds the model's max_source_len ({c.max_source_len})")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if 1 + max_new_tokens > c.max_target_len:
+        raise GenerationError(
+            f"the start token + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_target_len ({c.max_target_len})")
+    _check_token_id("bos_token_id", bos_token_id, c.vocab_size)
+    if eos_token_id is not None:
+        _check_token_id("eos_token_id", eos_token_id, c.vocab_size)
+    return src
+
+
+def _check_token_id(name: str, value: object, vocab_size: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise GenerationError(f"{name} {value!r} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def translate_ids(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
+                  engine: str = "speed", eos_token_id: int | None = None,
+                  bos_token_id: int | None = None, on_token: TokenCallback | None = None,
+                  **engine_options) -> GenerationResult:
+    """Greedy translation of one source sentence: up to ``max_new_tokens`` target ids.
+
+    All engines return the same tokens (exactly, in float64); they differ in
+    speed. ``bos_token_id`` is the decoder start token (the config's when
+    None); it is not part of the result. ``on_token`` sees each token as soon as
+    it is verified; ``engine_options`` go to the engine (``draft_tokens`` for
+    ``self-speculative``). In the stats, ``prompt_tokens`` counts source tokens
+    and ``prefill_s`` covers the encoder, the cross-attention keys/values and
+    the start token's pass through the decoder.
+    """
+    try:
+        engine_cls = TRANSLATION_ENGINES[engine]
+    except (KeyError, TypeError):
+        raise GenerationError(
+            f"unknown engine {engine!r}; choose one of: {', '.join(TRANSLATION_ENGINES)}") from None
+    bos = model.config.bos_token_id if bos_token_id is None else bos_token_id
+    src = validate_translation(model, src_ids, max_new_tokens, eos_token_id, bos)
+    out = Output(max_new_tokens, eos_token_id, on_token)
+    stats = GenerationStats(prompt_tokens=len(src))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        memory = model.encode(torch.tensor([src], device=model.device))  # one source, no padding
+        decoder = ConditionedDecoder(model, memory)
+        decoding = engine_cls.create(decoder, **engine_options)
+        cache = KVCache(decoder.config, 1 + max_new_tokens, dtype=model.dtype, device=model.device)
+        logits = prefill(decoder, cache, [bos])
+        out.emit(int(logits.argmax()))  # deliberate host sync: the first token
+        stats.prefill_s = time.perf_counter() - start
+        if not out.done:
+            decoding.decode(cache, 1, out, stats)
+    stats.wall_s = time.perf_counter() - start
+    stats.decode_s = stats.wall_s - stats.prefill_s
+    stats.new_tokens = len(out.tokens)
+    return GenerationResult(tokens=out.tokens, stop_reason=out.stop_reason or "length", stats=stats)

@@ -1,0 +1,369 @@
+"""EncDecLM: a T5-style translator whose decoder is looped (the SPEED paper's setting).
+
+* Encoder — ``n_encoder_layers`` bidirectional Llama-style layers (RMSNorm,
+  RoPE, grouped-query attention, SwiGLU, no biases), applied
+  ``n_encoder_loops`` times, then a final RMSNorm. These are
+  :class:`speedec.model.LoopedLayer` driven with a non-causal attention.
+* Decoder — K unique :class:`DecoderLayer` applied L times (virtual layer
+  ``v`` uses unique layer ``v mod K``): causal self-attention with RoPE,
+  cross-attention over the encoder output (no RoPE: source and target
+  positions are unrelated), SwiGLU MLP. Final norm and LM head, tied to the
+  shared embedding by default; the same head read after ``exit_loop`` loops
+  is the early exit.
+
+Cross-attention keys and values are a function of the encoder output and the
+*unique* layer's ``wkv_cross`` only, never of the loop or the target token,
+so :meth:`EncDecLM.encode` computes them once per unique layer per source
+(K products, not K * L per token) and returns them as an
+:class:`EncoderMemory` that the caller (training step or engine) keeps.
+
+Two ways in, as for :class:`speedec.model.LoopedLM`:
+
+* ``forward(src, src_mask, tgt_in)`` — training and evaluation with teacher
+  forcing; final logits and, on request, per-loop early-exit logits.
+* ``run_decoder_loops(x, layout, cache, memory, n_loops)`` — decoding engines:
+  rows of decoder state grouped by loop (a :class:`~speedec.model.StepLayout`),
+  self-attention through the engine's :class:`~speedec.cache.KVCache`,
+  cross-attention over the memory; one matmul per weight for all rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+from ..model import LoopedLayer, RMSNorm, StepLayout, apply_rope, linear, rope_table
+from .config import EncDecConfig
+
+
+def attend_keys(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Non-causal grouped-query attention: ``q [B, N, H, hd]`` over ``keys/values
+    [B, Hkv, S, hd]`` with an optional key mask ``[B, 1, 1, S]`` -> ``[B, N, H*hd]``.
+
+    The ``rep = H / Hkv`` query heads that share a kv head are folded into the
+    query length, so keys and values are read in place, never repeated.
+    """
+    B, N, H, hd = q.shape
+    Hkv = keys.shape[1]
+    rep = H // Hkv
+    # [B, N, Hkv, rep, hd] -> [B, Hkv, rep*N, hd]
+    q = q.reshape(B, N, Hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(B, Hkv, rep * N, hd)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask)
+    # [B, Hkv, rep*N, hd] -> [B, N, H*hd]
+    return out.reshape(B, Hkv, rep, N, hd).permute(0, 3, 1, 2, 4).reshape(B, N, H * hd)
+
+
+@dataclass(frozen=True)
+class EncoderMemory:
+    """A batch of encoded source sentences, as the decoder reads them.
+
+    Keys and values are per *unique* decoder layer: every loop of that layer,
+    and every token in flight, reads the same tensors (no copy per slot).
+    """
+
+    # K tensors [B, Hkv, S, hd], one per unique decoder layer (SDPA's layout).
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    # [B, 1, 1, S] bool (True = real source token), or None: no padding.
+    mask: torch.Tensor | None
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def source_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def attend(self, unique_layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Cross-attention of queries ``q [..., H, hd]`` -> ``[..., H*hd]``.
+
+        The leading dims of ``q`` flatten to ``B * N``, rows grouped by source:
+        training passes ``[B, T]``; an engine with one source passes its
+        ``[G, T]`` slots, which all become one query block of that source.
+        """
+        *lead, H, hd = q.shape
+        out = attend_keys(q.reshape(self.batch_size, -1, H, hd),  # [B, N, H, hd]
+                          self.keys[unique_layer], self.values[unique_layer], self.mask)
+        return out.reshape(*lead, H * hd)
+
+
+class DecoderLayer(nn.Module):
+    """One unique decoder layer: self-attention, cross-attention, MLP (pre-norm).
+
+    Self-attention q/k/v and gate/up are fused as in LoopedLayer, so a step
+    issues one matmul per weight matrix for all rows in flight. The cross
+    attention's query and key/value projections are separate because they
+    read different inputs: ``wq_cross`` runs every step, ``wkv_cross`` only
+    when a source is encoded.
+    """
+
+    def __init__(self, config: EncDecConfig) -> None:
+        super().__init__()
+        c = config
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim, self.ffn_dim = H, Hkv, hd, c.ffn_dim
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.wqkv = nn.Parameter(torch.empty((H + 2 * Hkv) * hd, c.d_model))
+        self.wo = nn.Parameter(torch.empty(c.d_model, H * hd))
+        self.cross_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.wq_cross = nn.Parameter(torch.empty(H * hd, c.d_model))
+        self.wkv_cross = nn.Parameter(torch.empty(2 * Hkv * hd, c.d_model))
+        self.wo_cross = nn.Parameter(torch.empty(c.d_model, H * hd))
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.w_gate_up = nn.Parameter(torch.empty(2 * c.ffn_dim, c.d_model))
+        self.w_down = nn.Parameter(torch.empty(c.d_model, c.ffn_dim))
+
+    def cross_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, Hkv, S, hd]`` of the normed encoder output ``states [B, S, D]``."""
+        B, S, _ = states.shape
+        Hkv, hd = self.n_kv_heads, self.head_dim
+        kv = linear(states, self.wkv_cross)  # [B, S, 2 Hkv hd]
+        # [B, S, Hkv, hd] -> [B, Hkv, S, hd], made contiguous once for all later reads.
+        k = kv[..., : Hkv * hd].reshape(B, S, Hkv, hd).transpose(1, 2).contiguous()
+        v = kv[..., Hkv * hd:].reshape(B, S, Hkv, hd).transpose(1, 2).contiguous()
+        return k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                self_attend, cross_attend) -> torch.Tensor:
+        """``x [G, T, D]``; ``self_attend(q, k, v)`` and ``cross_attend(q)`` map
+        per-row queries (and keys/values) to attention outputs ``[G, T, H*hd]``."""
+        G, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = linear(self.attn_norm(x), self.wqkv)  # [G, T, (H + 2 Hkv) hd]
+        q = qkv[..., : H * hd].reshape(G, T, H, hd)
+        k = qkv[..., H * hd: (H + Hkv) * hd].reshape(G, T, Hkv, hd)
+        v = qkv[..., (H + Hkv) * hd:].reshape(G, T, Hkv, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        x = x + linear(self_attend(q, k, v), self.wo)
+        q = linear(self.cross_norm(x), self.wq_cross).reshape(G, T, H, hd)
+        x = x + linear(cross_attend(q), self.wo_cross)
+        gate_up = linear(self.mlp_norm(x), self.w_gate_up)  # [G, T, 2 F]
+        hidden = F.silu(gate_up[..., : self.ffn_dim]) * gate_up[..., self.ffn_dim:]
+        return x + linear(hidden, self.w_down)
+
+
+@dataclass(frozen=True)
+class EncDecOutput:
+    """Result of the training/evaluation forward."""
+
+    # [B, T, V] logits after all decoder loops.
+    logits: torch.Tensor
+    # Loop count -> [B, T, V] early-exit logits after that many decoder loops,
+    # for the loops requested.
+    loop_logits: dict[int, torch.Tensor]
+
+
+class EncDecLM(nn.Module):
+    def __init__(self, config: EncDecConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        # LoopedLayer takes only its widths from the config, and the encoder
+        # has the decoder's widths.
+        self.encoder_layers = nn.ModuleList(
+            LoopedLayer(c.decoder_config) for _ in range(c.n_encoder_layers))
+        self.encoder_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_unique_layers))
+        self.norm = RMSNorm(c.d_model, c.norm_eps)
+        self.lm_head = None if c.tie_embeddings else nn.Parameter(torch.empty(c.vocab_size, c.d_model))
+        self.register_buffer("encoder_rope", rope_table(c.max_source_len, c.head_dim, c.rope_theta),
+                             persistent=False)
+        self.register_buffer("decoder_rope", rope_table(c.max_target_len, c.head_dim, c.rope_theta),
+                             persistent=False)
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- setup
+    def reset_parameters(self, *, std: float = 0.02, residual_scale: float = 1.0,
+                         generator: torch.Generator | None = None) -> None:
+        """Random init: normal(0, std); the output projections of residual
+        branches also scaled by ``residual_scale / sqrt(2 * depth)``, depth being
+        the layer applications of their stack (encoder layers x loops, K x L)."""
+        c = self.config
+        enc_scale = std * residual_scale / math.sqrt(2 * c.n_encoder_layers * c.n_encoder_loops)
+        dec_scale = std * residual_scale / math.sqrt(2 * c.n_virtual_layers)
+        with torch.no_grad():
+            self.embed.weight.normal_(0.0, std, generator=generator)
+            if self.lm_head is not None:
+                self.lm_head.normal_(0.0, std, generator=generator)
+            for layer in self.encoder_layers:
+                for w in (layer.wqkv, layer.w_gate_up):
+                    w.normal_(0.0, std, generator=generator)
+                for w in (layer.wo, layer.w_down):
+                    w.normal_(0.0, enc_scale, generator=generator)
+            for layer in self.decoder_layers:
+                for w in (layer.wqkv, layer.wq_cross, layer.wkv_cross, layer.w_gate_up):
+                    w.normal_(0.0, std, generator=generator)
+                for w in (layer.wo, layer.wo_cross, layer.w_down):
+                    w.normal_(0.0, dec_scale, generator=generator)
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+
+    @classmethod
+    def random(cls, config: EncDecConfig, *, seed: int = 0, residual_scale: float = 1.0,
+               std: float = 0.02) -> EncDecLM:
+        """A model with reproducible random weights (see :meth:`reset_parameters`)."""
+        model = cls(config)
+        model.reset_parameters(std=std, residual_scale=residual_scale,
+                               generator=torch.Generator().manual_seed(seed))
+        return model.eval()
+
+    def save_pretrained(self, directory) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
+        from .storage import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> EncDecLM:
+        """Load a model saved by :meth:`save_pretrained`; errors name the bad file."""
+        from .storage import from_pretrained
+
+        return from_pretrained(directory, dtype=dtype, device=device)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # ---------------------------------------------------------------- encoder
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> EncoderMemory:
+        """Encode ``src [B, S]`` (``src_mask [B, S]``: True at real tokens, or None
+        for no padding) and project it to every unique decoder layer's
+        cross-attention keys and values: K products, once per source."""
+        c = self.config
+        B, S = src.shape
+        if S > c.max_source_len:
+            raise ValueError(f"source length {S} exceeds max_source_len {c.max_source_len}")
+        rope = self.encoder_rope[:S].to(self.dtype)
+        cos, sin = rope[None, :, 0, None, :], rope[None, :, 1, None, :]  # [1, S, 1, hd]
+        key_mask = None if src_mask is None else src_mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, S]
+
+        def attend(q, k, v):
+            # Bidirectional: every source position reads every real source token.
+            return attend_keys(q, k.transpose(1, 2), v.transpose(1, 2), key_mask)  # [B, S, H*hd]
+
+        x = self.embed(src)  # [B, S, D]
+        for _ in range(c.n_encoder_loops):
+            for layer in self.encoder_layers:
+                x = layer(x, cos, sin, attend)
+        states = self.encoder_norm(x)
+        kv = [layer.cross_kv(states) for layer in self.decoder_layers]
+        return EncoderMemory(keys=tuple(k for k, _ in kv), values=tuple(v for _, v in kv),
+                             mask=key_mask)
+
+    # --------------------------------------------------------------- training
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None, tgt_in: torch.Tensor, *,
+                output_loops: tuple[int, ...] = ()) -> EncDecOutput:
+        """Teacher-forced decoding of ``tgt_in [B, T]`` (start token first, padding
+        at the end) against ``src [B, S]``; causal, no cache.
+
+        Target padding needs no mask: it sits after the real tokens, which
+        causal attention never lets read it; leave it out of the loss.
+        ``output_loops``: decoder loop counts (1..L-1) after which to also read
+        out logits (the early exits of the training loss).
+        """
+        c = self.config
+        B, T = tgt_in.shape
+        if T > c.max_target_len:
+            raise ValueError(f"target length {T} exceeds max_target_len {c.max_target_len}")
+        for n in output_loops:
+            if not 1 <= n < c.n_loops:
+                raise ValueError(f"output_loops entries must be in 1..{c.n_loops - 1}, got {n}")
+        memory = self.encode(src, src_mask)
+        rope = self.decoder_rope[:T].to(self.dtype)
+        cos, sin = rope[None, :, 0, None, :], rope[None, :, 1, None, :]  # [1, T, 1, hd]
+        rep = c.n_heads // c.n_kv_heads
+
+        def self_attend(q, k, v):
+            # [B, T, heads, hd] -> [B, heads, T, hd]; kv heads repeated for GQA.
+            q = q.transpose(1, 2)
+            k = k.transpose(1, 2).repeat_interleave(rep, dim=1)
+            v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return out.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
+
+        x = self.embed(tgt_in)  # [B, T, D]
+        loop_logits = {}
+        for loop in range(c.n_loops):
+            for k_unique, layer in enumerate(self.decoder_layers):
+                x = layer(x, cos, sin, self_attend, partial(memory.attend, k_unique))
+            if loop + 1 in output_loops:
+                loop_logits[loop + 1] = self.head(x)
+        return EncDecOutput(logits=self.head(x), loop_logits=loop_logits)
+
+    # ---------------------------------------------------------------- engines
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: ``[..., D] -> [..., V]`` (also the early exit)."""
+        return linear(self.norm(x), self.head_weight)
+
+    def decoder_layout(self, positions: Sequence[Sequence[int]], loops: Sequence[int]) -> StepLayout:
+        """Describe G groups of T decoder rows: ``positions[g][t]``, group g at loop ``loops[g]``.
+
+        Same rules as :meth:`speedec.model.LoopedLM.layout`, over the decoder's
+        rotary table.
+        """
+        c = self.config
+        device = self.device
+        pos = torch.tensor(positions, dtype=torch.long, device=device)  # [G, T]
+        G, T = pos.shape
+        kv_len = int(max(max(row) for row in positions)) + 1
+        rope = self.decoder_rope[pos].to(self.dtype)  # [G, T, 2, hd]
+        cos, sin = rope[:, :, 0, None, :], rope[:, :, 1, None, :]
+        if G == 1 and T == 1:
+            mask = None  # one row reading exactly its kv_len keys
+        else:
+            rep = c.n_heads // c.n_kv_heads
+            keys = torch.arange(kv_len, device=device)
+            mask = keys[None, None, :] <= pos[:, :, None]  # [G, T, S]
+            # Rows ordered (kv-group member, t), as the grouped queries are.
+            mask = mask[:, None, None].expand(G, 1, rep, T, kv_len).reshape(G, 1, rep * T, kv_len)
+        return StepLayout(positions=pos, loops=tuple(loops), kv_len=kv_len, cos=cos, sin=sin,
+                          mask=mask, flat_positions=pos.reshape(-1))
+
+    def run_decoder_loops(self, x: torch.Tensor, layout: StepLayout, cache: KVCache,
+                          memory: EncoderMemory, n_loops: int) -> torch.Tensor:
+        """``n_loops`` passes over the K unique decoder layers for rows ``x [G, T, D]``.
+
+        Self-attention: each row writes its key/value at (its virtual layer, its
+        position) and reads its own virtual layer's cache up to its position
+        (strided views, no gather, when the loops are evenly spaced).
+        Cross-attention: all G*T rows read unique layer k's memory together.
+        """
+        c = self.config
+        G, T = layout.groups, layout.rows
+        Hkv, rep, hd = c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim
+        for shift in range(n_loops):
+            loop_ids = layout.loop_ids(shift)
+            loop_index = layout.loop_index(shift)
+            for k_unique, layer in enumerate(self.decoder_layers):
+                def self_attend(q, k, v, k_unique=k_unique, loop_ids=loop_ids, loop_index=loop_index):
+                    cache.write(k_unique, loop_ids, layout.flat_positions,
+                                k.reshape(G * T, Hkv, hd), v.reshape(G * T, Hkv, hd))
+                    keys, values = cache.read(k_unique, loop_index, layout.kv_len)  # [G, S, Hkv, hd]
+                    # Queries grouped by kv head: [G, T, Hkv, rep, hd] -> [G, Hkv, rep*T, hd].
+                    q = q.reshape(G, T, Hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(G, Hkv, rep * T, hd)
+                    out = F.scaled_dot_product_attention(
+                        q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=layout.mask)
+                    # [G, Hkv, rep*T, hd] -> [G, T, H*hd]
+                    return out.reshape(G, Hkv, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(G, T, -1)
+                x = layer(x, layout.cos, layout.sin, self_attend, partial(memory.attend, k_unique))
+        return x
