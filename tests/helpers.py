@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from speedec import LoopedLM, ModelConfig
 
@@ -83,3 +84,40 @@ def _counter_growth(D: int, n_loops: int, exit_loop: int) -> float:
     g = (lo + hi) / 2
     assert counter_after(exit_loop, g) < 0.9 and counter_after(n_loops, g) > 1.1, "no margin"
     return g
+
+
+class CountWeightReads(TorchDispatchMode):
+    """Counts matrix products per weight tensor (whatever kernel runs them), and attention calls.
+
+    A product reads a weight when one of its operands shares the weight's
+    storage (BLAS path) or is the weight's oneDNN-reordered copy.
+    """
+
+    PRODUCTS = ("mm", "addmm", "bmm", "matmul", "linear", "mv", "_linear_pointwise")
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.weights = weights
+        self.ptrs = {w.untyped_storage().data_ptr(): name for name, w in weights.items()}
+        self.calls = {name: 0 for name in weights}
+        self.attention = 0
+
+    def _name(self, tensor: torch.Tensor) -> str | None:
+        for name, w in self.weights.items():
+            packed = getattr(w, "_speedec_onednn", None)
+            if packed is not None and packed[1] is tensor:
+                return name
+        if tensor.layout != torch.strided:
+            return None
+        return self.ptrs.get(tensor.untyped_storage().data_ptr())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.PRODUCTS:
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    name = self._name(a)
+                    if name is not None:
+                        self.calls[name] += 1
+        if "scaled_dot_product" in func.__name__:
+            self.attention += 1
+        return func(*args, **(kwargs or {}))

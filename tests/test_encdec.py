@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import mapping_model, random_model, small_config
+from helpers import CountWeightReads, mapping_model, random_model, small_config
 from speedec import ConfigError, GenerationError, LoopedLM, ModelLoadError, generate
 from speedec.cache import KVCache
 from speedec.encdec import TRANSLATION_ENGINES, EncDecConfig, EncDecLM, translate_ids
@@ -171,28 +170,6 @@ def test_eos_and_max_new_tokens_one():
 
 
 # ------------------------------------------------------------------ weight reads
-class _CountMatmuls(TorchDispatchMode):
-    """Counts matrix products per weight tensor, and attention calls."""
-
-    def __init__(self, weights):
-        super().__init__()
-        self.ptrs = {w.untyped_storage().data_ptr(): name for name, w in weights.items()}
-        self.calls = {name: 0 for name in weights}
-        self.attention = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "matmul", "linear", "mv"):
-            for a in args:
-                if isinstance(a, torch.Tensor):
-                    name = self.ptrs.get(a.untyped_storage().data_ptr())
-                    if name is not None:
-                        self.calls[name] += 1
-        if "scaled_dot_product" in func.__name__:
-            self.attention += 1
-        return func(*args, **kwargs)
-
-
 def _weights(model: EncDecLM) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n} | {
         "head": model.head_weight}
@@ -206,7 +183,7 @@ def test_one_matmul_per_weight_per_step():
     slots = 4
     layout = model.decoder_layout([[20 - g] for g in range(slots)], list(range(slots)))
     x = torch.randn(slots, 1, config.d_model)
-    with torch.inference_mode(), _CountMatmuls(_weights(model)) as counter:
+    with torch.inference_mode(), CountWeightReads(_weights(model)) as counter:
         model.run_decoder_loops(x, layout, cache, memory, 1)
     for name, calls in counter.calls.items():
         if name.startswith("decoder_layers") and "wkv_cross" not in name:
@@ -221,7 +198,7 @@ def test_one_matmul_per_weight_per_step():
 def test_cross_attention_kv_computed_once_per_unique_layer(engine):
     config = enc_config(n_loops=4, exit_loop=1, n_encoder_loops=2)
     model = enc_model(config, dtype=torch.float32, std=0.02, residual_scale=1.0)
-    with _CountMatmuls(_weights(model)) as counter:
+    with CountWeightReads(_weights(model)) as counter:
         out = translate_ids(model, [5, 6, 7, 8, 9, 10], 30, engine=engine)
     s = out.stats
     for name, calls in counter.calls.items():

@@ -8,9 +8,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import mapping_model, random_model, small_config
+from helpers import CountWeightReads, mapping_model, random_model, small_config
 from speedec import ENGINES, GenerationError, ModelConfig, generate
 from speedec.cache import KVCache
 from speedec.engines import get_engine
@@ -132,28 +131,6 @@ def test_early_exit_sometimes_agrees():
     assert 0.0 < s.acceptance < 1.0
 
 
-class _CountMatmuls(TorchDispatchMode):
-    """Counts matrix products per weight tensor, and attention calls."""
-
-    def __init__(self, weights):
-        super().__init__()
-        self.ptrs = {w.untyped_storage().data_ptr(): name for name, w in weights.items()}
-        self.calls = {name: 0 for name in weights}
-        self.attention = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "matmul", "linear", "mv"):
-            for a in args:
-                if isinstance(a, torch.Tensor):
-                    name = self.ptrs.get(a.untyped_storage().data_ptr())
-                    if name is not None:
-                        self.calls[name] += 1
-        if "scaled_dot_product" in func.__name__:
-            self.attention += 1
-        return func(*args, **kwargs)
-
-
 def _weights(model):
     return {n: p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n} | {
         "head": model.head_weight}
@@ -166,7 +143,7 @@ def test_one_matmul_per_weight_per_step():
     slots = 4
     layout = model.layout([[20 - g] for g in range(slots)], list(range(slots)))
     x = torch.randn(slots, 1, config.d_model)
-    with torch.inference_mode(), _CountMatmuls(_weights(model)) as counter:
+    with torch.inference_mode(), CountWeightReads(_weights(model)) as counter:
         model.run_loops(x, layout, cache, 1)
     for name, calls in counter.calls.items():
         if name != "head":
@@ -178,7 +155,7 @@ def test_weight_reads_equal_steps_in_generation():
     config = small_config(n_loops=4, exit_loop=1)
     model = random_model(config, dtype=torch.float32, std=0.02, residual_scale=1.0)
     prompt = [1, 2, 3]
-    with torch.inference_mode(), _CountMatmuls(_weights(model)) as counter:
+    with torch.inference_mode(), CountWeightReads(_weights(model)) as counter:
         out = generate(model, prompt, 30, engine="speed")
     s = out.stats
     assert s.mean_in_flight > 2  # several slots per step, yet one read per step:

@@ -241,8 +241,10 @@ def export_hf_cmd(model_dir, out_dir) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
 @click.option("--plots", "plots_dir", default=None, help="Write PNG plots into this directory.")
+@click.option("--bandwidth-mb", default=400.0, show_default=True, type=float,
+              help="Buffer size for the memory-bandwidth measurement.")
 def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, max_new_tokens, repeats,
-          warmup, threads, seed, json_path, plots_dir) -> None:
+          warmup, threads, seed, json_path, plots_dir, bandwidth_mb) -> None:
     """Measure engines side by side (interleaved, paired) and print a table."""
     from .bench import measure_bandwidth, run_benchmark
     from .bench.report import format_table, write_json, write_plots
@@ -280,7 +282,7 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
     if len(prompts[0]) + max_new_tokens > model.config.max_seq_len:
         raise click.UsageError("--prompt-len + --max-new-tokens exceeds the model's max_seq_len")
     click.echo("measuring memory bandwidth...", err=True)
-    bandwidth = measure_bandwidth()
+    bandwidth = measure_bandwidth(buffer_mb=bandwidth_mb)
     from tqdm import tqdm
 
     total = repeats * (len(specs) + (0 if any(s.engine == "autoregressive" for s in specs) else 1))

@@ -23,30 +23,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
-
-# Above this many rows, F.linear (one GEMM, good for training) is used. At a
-# few rows, `W @ x.T` keeps MKL on a GEMM path that reads the weights once for
-# all rows; a single row is padded to two because MKL's one-row (GEMV) path
-# runs on one thread on the development machine (measured: 4.7 ms single row
-# against 2.3 ms for two rows over 103 MB of weights).
-_FEW_ROWS = 16
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [..., in] @ weight[out, in].T`` with the fastest formulation for the row count."""
-    rows = x.numel() // x.shape[-1]
-    if rows > _FEW_ROWS or torch.is_grad_enabled():
-        return F.linear(x, weight)
-    # Layouts matter: with a column-major x MKL's product was 5x slower, and a
-    # column-major output pushes attention off its fast kernel, so rows go in
-    # row-major and the (small) result is made row-major again.
-    x2 = x.reshape(rows, x.shape[-1]).contiguous()
-    if rows == 1:
-        out = (weight @ torch.cat((x2, x2)).T)[:, :1]  # [out, 1]
-    else:
-        out = weight @ x2.T  # [out, rows]
-    return out.T.contiguous().reshape(*x.shape[:-1], weight.shape[0])
-
+from .kernels import linear
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -55,7 +32,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_table(max_len: int, head_dim: int, theta: float) -> torch.Tensor:

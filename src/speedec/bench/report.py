@@ -20,7 +20,8 @@ def format_table(report: BenchReport) -> str:
         f"preset {report.preset}: d_model {c['d_model']}, K={c['n_unique_layers']} L={c['n_loops']} "
         f"exit={c['exit_loop']}, vocab {c['vocab_size']}, {report.dtype}, {report.threads} threads",
         f"{report.prompts} prompts x {report.max_new_tokens} new tokens, {report.repeats} interleaved repeats"
-        + (f"; memory bandwidth: read {bw.read_gbps:.1f} GB/s, copy {bw.copy_gbps:.1f} GB/s" if bw else ""),
+        + (f"; memory: copy {bw.copy_gbps:.1f} GB/s (r+w), sum {bw.sum_gbps:.1f} GB/s, "
+           f"stream {bw.stream_gbps:.1f} GB/s; floor uses {bw.read_gbps:.1f} GB/s" if bw else ""),
     ]
     cols = ["engine", "tok/s (median)", "min-max", "ms/tok", "speedup", "accept", "steps/tok",
             "in flight", "MB/tok", "floor ms", "x floor", "exact"]
