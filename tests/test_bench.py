@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from speedec import LoopedLM, PRESETS
+from speedec import PRESETS, LoopedLM
 from speedec.bench import measure_bandwidth, run_benchmark
 from speedec.bench.report import cost_model_speedup, format_table, write_json, write_plots
 from speedec.bench.runner import EngineSpec, RunRecord, _summarise, bytes_per_token, weight_bytes

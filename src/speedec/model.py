@@ -25,6 +25,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .kernels import linear
 
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -56,7 +56,6 @@ def measure_bandwidth(buffer_mb: float = 400.0, repeats: int = 5) -> Bandwidth:
     dst = torch.empty_like(src)
     copy_s = _best(lambda: dst.copy_(src), repeats)
     sum_s = _best(lambda: src.sum(), repeats)
-    del dst
     matrix = src.view(-1, 1024)  # [n / 1024, 1024]
     row = torch.ones(1, 1024)
     with torch.inference_mode():
