@@ -125,13 +125,18 @@ def init(preset_name, config_file, out, seed, residual_scale, force) -> None:
 @click.option("--draft-tokens", type=int, default=None, help="Guesses per round (self-speculative).")
 @click.option("--eos-token-id", type=int, default=None,
               help="Stop at this token (default: the tokenizer's end-of-text, if any).")
+@click.option("--temperature", default=0.0, show_default=True, type=float,
+              help="0 is greedy; above 0 samples (losslessly under speculation).")
+@click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
+@click.option("--top-p", type=float, default=None, help="Sample within this probability mass.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
 @click.option("--stream", is_flag=True, help="Print text as tokens are verified.")
 def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, draft_tokens, eos_token_id,
-             dtype, device, threads, as_json, stream) -> None:
+             temperature, top_k, top_p, seed, dtype, device, threads, as_json, stream) -> None:
     """Generate a continuation of a prompt (greedy; every engine gives the same tokens)."""
     from .engines import ENGINES
     from .engines import generate as run_generate
@@ -166,7 +171,8 @@ def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, 
     printer = _StreamPrinter(tokenizer) if stream and not as_json else None
     options = {} if draft_tokens is None else {"draft_tokens": draft_tokens}
     result = run_generate(model, ids, max_new_tokens, engine=engine, eos_token_id=eos_token_id,
-                          on_token=printer.add if printer else None, **options)
+                          on_token=printer.add if printer else None, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed, **options)
     text = tokenizer.decode(result.tokens) if tokenizer is not None else None
     if as_json:
         click.echo(json.dumps({"engine": engine, "prompt_ids": ids, "tokens": result.tokens,

@@ -37,18 +37,26 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(max_len: int, head_dim: int, theta: float) -> torch.Tensor:
-    """``[max_len, 2, head_dim]``: cos and sin of every position (float64)."""
+    """``[max_len, 2, head_dim]``: cos, and sin with its first half negated (float64).
+
+    Folding the sign of the rotation into the table turns rotate-half into a
+    roll, one op fewer per rotation.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)  # [max_len, head_dim], halves repeated
-    return torch.stack((angles.cos(), angles.sin()), dim=1)
+    sign = torch.ones(head_dim, dtype=torch.float64)
+    sign[: head_dim // 2] = -1.0
+    return torch.stack((angles.cos(), angles.sin() * sign), dim=1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [..., heads, hd]`` by per-row angles ``cos/sin [..., 1, hd]`` (half-split pairs)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., heads, hd]`` by per-row angles ``[..., 1, hd]`` (half-split pairs).
+
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``
+    written as ``roll(x) * [-sin, sin]``.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 @dataclass(frozen=True)
@@ -124,10 +132,10 @@ class LoopedLayer(nn.Module):
         G, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = linear(self.attn_norm(x), self.wqkv)  # [G, T, (H + 2 Hkv) hd]
-        q = qkv[..., : H * hd].reshape(G, T, H, hd)
-        k = qkv[..., H * hd: (H + Hkv) * hd].reshape(G, T, Hkv, hd)
+        # q and k rotated together: [G, T, H + Hkv, hd]
+        qk = apply_rope(qkv[..., : (H + Hkv) * hd].reshape(G, T, H + Hkv, hd), cos, sin)
+        q, k = qk[:, :, :H], qk[:, :, H:]
         v = qkv[..., (H + Hkv) * hd:].reshape(G, T, Hkv, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = attend(q, k, v)  # [G, T, H * hd]
         x = x + linear(attn, self.wo)
         gate_up = linear(self.mlp_norm(x), self.w_gate_up)  # [G, T, 2 F]

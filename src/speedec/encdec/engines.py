@@ -32,6 +32,7 @@ from ..engines.self_speculative import SelfSpeculativeEngine
 from ..engines.speed import SpeedEngine
 from ..errors import GenerationError
 from ..model import StepLayout
+from ..sampling import Sampler, SamplingParams
 from .model import EncDecLM, EncoderMemory
 
 # Decoder-only engines that only use the interface ConditionedDecoder offers.
@@ -114,8 +115,10 @@ def _check_token_id(name: str, value: object, vocab_size: int) -> None:
 def translate_ids(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
                   engine: str = "speed", eos_token_id: int | None = None,
                   bos_token_id: int | None = None, on_token: TokenCallback | None = None,
-                  **engine_options) -> GenerationResult:
-    """Greedy translation of one source sentence: up to ``max_new_tokens`` target ids.
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = None, **engine_options) -> GenerationResult:
+    """Translation of one source sentence: up to ``max_new_tokens`` target ids
+    (greedy, or sampled with ``temperature > 0`` as in :func:`speedec.generate`).
 
     All engines return the same tokens (exactly, in float64); they differ in
     speed. ``bos_token_id`` is the decoder start token (the config's when
@@ -132,6 +135,8 @@ def translate_ids(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_ne
             f"unknown engine {engine!r}; choose one of: {', '.join(TRANSLATION_ENGINES)}") from None
     bos = model.config.bos_token_id if bos_token_id is None else bos_token_id
     src = validate_translation(model, src_ids, max_new_tokens, eos_token_id, bos)
+    sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+                      device=model.device)
     out = Output(max_new_tokens, eos_token_id, on_token)
     stats = GenerationStats(prompt_tokens=len(src))
     start = time.perf_counter()
@@ -141,10 +146,10 @@ def translate_ids(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_ne
         decoding = engine_cls.create(decoder, **engine_options)
         cache = KVCache(decoder.config, 1 + max_new_tokens, dtype=model.dtype, device=model.device)
         logits = prefill(decoder, cache, [bos])
-        out.emit(int(logits.argmax()))  # deliberate host sync: the first token
+        out.emit(sampler.pick(logits))  # deliberate host sync: the first token
         stats.prefill_s = time.perf_counter() - start
         if not out.done:
-            decoding.decode(cache, 1, out, stats)
+            decoding.decode(cache, 1, out, stats, sampler)
     stats.wall_s = time.perf_counter() - start
     stats.decode_s = stats.wall_s - stats.prefill_s
     stats.new_tokens = len(out.tokens)

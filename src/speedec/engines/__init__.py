@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from ..errors import GenerationError
 from ..model import LoopedLM
+from ..sampling import SamplingParams
 from .autoregressive import AutoregressiveEngine
 from .base import Engine, GenerationResult, GenerationStats, TokenCallback
 from .self_speculative import SelfSpeculativeEngine
@@ -29,16 +30,22 @@ def get_engine(name: str, model: LoopedLM, **options) -> Engine:
 
 def generate(model: LoopedLM, prompt_ids: Sequence[int], max_new_tokens: int, *,
              engine: str = "speed", eos_token_id: int | None = None,
-             on_token: TokenCallback | None = None, **engine_options) -> GenerationResult:
-    """Greedy decoding of ``max_new_tokens`` tokens (fewer if EOS is generated).
+             on_token: TokenCallback | None = None, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             **engine_options) -> GenerationResult:
+    """Decode ``max_new_tokens`` tokens (fewer if EOS is generated).
 
-    All engines return the same tokens (exactly, in float64); they differ in
-    speed. ``on_token`` is called with each token as soon as it is verified.
+    ``temperature=0`` (the default) is greedy: all engines return the same
+    tokens (exactly, in float64). With ``temperature > 0`` tokens are sampled
+    (after ``top_k`` / ``top_p`` filtering); the speculative engines keep the
+    output distribution equal to plain sampling's, and a ``seed`` makes a run
+    reproducible. Engines differ only in speed. ``on_token`` is called with each token as soon as it is verified.
     ``engine_options`` go to the engine (e.g. ``draft_tokens=4`` for
     ``self-speculative``).
     """
-    return get_engine(engine, model, **engine_options).generate(prompt_ids, max_new_tokens,
-                                              eos_token_id=eos_token_id, on_token=on_token)
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return get_engine(engine, model, **engine_options).generate(
+        prompt_ids, max_new_tokens, eos_token_id=eos_token_id, on_token=on_token, sampling=sampling)
 
 
 __all__ = ["ENGINES", "Engine", "GenerationResult", "GenerationStats", "generate", "get_engine"]

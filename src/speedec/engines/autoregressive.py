@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 
 from ..cache import KVCache
+from ..sampling import Sampler
 from .base import Engine, GenerationStats, Output
 
 
 class AutoregressiveEngine(Engine):
     name = "autoregressive"
 
-    def decode(self, cache: KVCache, first_pos: int, out: Output, stats: GenerationStats) -> None:
+    def decode(self, cache: KVCache, first_pos: int, out: Output, stats: GenerationStats,
+               sampler: Sampler) -> None:
         model = self.model
         n_loops = model.config.n_loops
         pos = first_pos
@@ -21,6 +23,6 @@ class AutoregressiveEngine(Engine):
             x = model.run_loops(x, layout, cache, n_loops)
             stats.steps += n_loops
             stats.lm_head_calls += 1
-            out.emit(int(model.head(x[0, 0]).argmax()))  # deliberate host sync: one per token
+            out.emit(sampler.pick(model.head(x[0, 0])))  # deliberate host sync: one per token
             pos += 1
         stats.mean_in_flight = 1.0 if stats.steps else 0.0

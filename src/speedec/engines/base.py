@@ -13,6 +13,7 @@ import torch
 from ..cache import KVCache
 from ..errors import GenerationError
 from ..model import LoopedLM
+from ..sampling import Sampler, SamplingParams
 
 TokenCallback = Callable[[int], None]
 
@@ -155,9 +156,10 @@ class Engine(ABC):
             raise GenerationError(f"engine {cls.name!r} takes no option {bad!r}") from None
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
-                 eos_token_id: int | None = None,
-                 on_token: TokenCallback | None = None) -> GenerationResult:
+                 eos_token_id: int | None = None, on_token: TokenCallback | None = None,
+                 sampling: SamplingParams | None = None) -> GenerationResult:
         prompt = validate_request(self.model, prompt_ids, max_new_tokens, eos_token_id)
+        sampler = Sampler(sampling or SamplingParams(), device=self.model.device)
         out = Output(max_new_tokens, eos_token_id, on_token)
         stats = GenerationStats(prompt_tokens=len(prompt))
         start = time.perf_counter()
@@ -165,10 +167,10 @@ class Engine(ABC):
             cache = KVCache(self.model.config, len(prompt) + max_new_tokens,
                             dtype=self.model.dtype, device=self.model.device)
             logits = prefill(self.model, cache, prompt)
-            out.emit(int(logits.argmax()))  # deliberate host sync: the first token
+            out.emit(sampler.pick(logits))  # deliberate host sync: the first token
             stats.prefill_s = time.perf_counter() - start
             if not out.done:
-                self.decode(cache, len(prompt), out, stats)
+                self.decode(cache, len(prompt), out, stats, sampler)
         stats.wall_s = time.perf_counter() - start
         stats.decode_s = stats.wall_s - stats.prefill_s
         stats.new_tokens = len(out.tokens)
@@ -176,5 +178,6 @@ class Engine(ABC):
                                 stats=stats)
 
     @abstractmethod
-    def decode(self, cache: KVCache, first_pos: int, out: Output, stats: GenerationStats) -> None:
+    def decode(self, cache: KVCache, first_pos: int, out: Output, stats: GenerationStats,
+               sampler: Sampler) -> None:
         """Generate until ``out.done``; ``out.tokens[0]`` (at ``first_pos``) is already known."""

@@ -16,6 +16,7 @@ import torch
 from ..cache import KVCache
 from ..errors import GenerationError
 from ..model import LoopedLM
+from ..sampling import Sampler
 from .base import Engine, GenerationStats, Output
 
 
@@ -31,7 +32,8 @@ class SelfSpeculativeEngine(Engine):
             raise GenerationError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
         self.draft_tokens = draft_tokens
 
-    def decode(self, cache: KVCache, first_pos: int, out: Output, stats: GenerationStats) -> None:
+    def decode(self, cache: KVCache, first_pos: int, out: Output, stats: GenerationStats,
+               sampler: Sampler) -> None:
         model = self.model
         c = model.config
         exit_loop, n_loops = c.exit_loop, c.n_loops
@@ -43,13 +45,18 @@ class SelfSpeculativeEngine(Engine):
 
             # Draft: row i (token at pos + i) through the early loops gives guess i + 1.
             tokens = [out.tokens[-1]]
-            hidden = []
+            hidden, draft_probs = [], []
             for i in range(k + 1):
                 x = model.embed(torch.tensor([[tokens[i]]], device=model.device))  # [1, 1, D]
                 hidden.append(model.run_loops(x, model.layout([[pos + i]], [0]), cache, exit_loop))
                 if i < k:
-                    tokens.append(int(model.head(hidden[-1][0, 0]).argmax()))  # deliberate sync per guess
+                    exit_logits = model.head(hidden[-1][0, 0])
                     stats.lm_head_calls += 1
+                    if sampler.greedy:
+                        tokens.append(int(exit_logits.argmax()))  # deliberate sync per guess
+                    else:
+                        draft_probs.append(sampler.probs(exit_logits))
+                        tokens.append(sampler.draw(draft_probs[-1]))
             stats.steps += (k + 1) * exit_loop
             stats.drafts_launched += k
 
@@ -60,19 +67,39 @@ class SelfSpeculativeEngine(Engine):
             stats.steps += n_loops - exit_loop
             stats.lm_head_calls += 1
             rows_total += (k + 1) * exit_loop + (k + 1) * (n_loops - exit_loop)
-            final = model.head(x[0]).argmax(-1).tolist()  # deliberate host sync: once per round
-
-            accepted = 0
-            while accepted < k and tokens[accepted + 1] == final[accepted]:
-                accepted += 1
+            final_logits = model.head(x[0])  # [k + 1, V]
+            emitted = self._judge(final_logits, tokens[1:], draft_probs, sampler)
+            accepted = len(emitted) - 1
             stats.drafts_accepted += accepted
             if accepted < k:
                 stats.drafts_rejected += 1
                 stats.drafts_discarded += k - accepted - 1
                 stats.flushes += 1
-            for token in final[: accepted + 1]:
+            for token in emitted:
                 out.emit(token)
                 if out.done:
                     break
             pos += accepted + 1
         stats.mean_in_flight = rows_total / stats.steps if stats.steps else 0.0
+
+    @staticmethod
+    def _judge(final_logits: torch.Tensor, guesses: list[int], draft_probs: list[torch.Tensor],
+               sampler: Sampler) -> list[int]:
+        """Tokens a round yields: the kept prefix of the guesses, then one verified token.
+
+        Row i of ``final_logits`` is the truth for the position of guess i.
+        """
+        if sampler.greedy:
+            final = final_logits.argmax(-1).tolist()  # deliberate host sync: once per round
+            n = 0
+            while n < len(guesses) and guesses[n] == final[n]:
+                n += 1
+            return final[: n + 1]
+        emitted = []
+        for i, guess in enumerate(guesses):
+            kept, token = sampler.accept(sampler.probs(final_logits[i]), draft_probs[i], guess)
+            emitted.append(token)
+            if not kept:
+                return emitted
+        emitted.append(sampler.draw(sampler.probs(final_logits[len(guesses)])))
+        return emitted

@@ -25,6 +25,7 @@ import torch
 from ..cache import KVCache
 from ..errors import GenerationError
 from ..model import LoopedLM
+from ..sampling import Sampler
 from .base import Engine, GenerationStats, Output
 
 
@@ -40,6 +41,8 @@ class Slot:
     loops_done: int = 0
     # True when the token is a guess that still awaits verification.
     is_draft: bool = False
+    # [V] distribution the guess was drawn from (sampling only).
+    draft_probs: torch.Tensor | None = None
 
 
 class SpeedEngine(Engine):
@@ -51,7 +54,8 @@ class SpeedEngine(Engine):
             raise GenerationError(
                 "the speed engine needs a model with an early exit (n_loops >= 2 and exit_loop set)")
 
-    def decode(self, cache: KVCache, first_pos: int, out: Output, stats: GenerationStats) -> None:
+    def decode(self, cache: KVCache, first_pos: int, out: Output, stats: GenerationStats,
+               sampler: Sampler) -> None:
         model = self.model
         c = model.config
         n_loops, exit_loop = c.n_loops, c.exit_loop
@@ -77,47 +81,55 @@ class SpeedEngine(Engine):
             rows = ([len(slots) - 1] if wants_final else []) + ([0] if wants_draft else [])
             if not rows:
                 continue
-            ids = model.head(x[rows, 0]).argmax(-1).tolist()  # deliberate host sync: once per step
+            logits = model.head(x[rows, 0])  # [len(rows), V]
             stats.lm_head_calls += 1
-            verified = ids[0] if wants_final else None
-            guess = ids[-1] if wants_draft else None
+            greedy_ids = logits.argmax(-1).tolist() if sampler.greedy else None  # deliberate host sync
 
-            if verified is not None:
-                self._verify(slots, verified, out, stats)
-                x = x[: len(slots)]
-                if not slots and not out.done:
+            if wants_final:
+                slots.pop()
+                kept, verified = self._verify(slots, logits[0], greedy_ids[0] if greedy_ids else None,
+                                              sampler)
+                out.emit(verified)
+                if kept and not out.done:
+                    stats.drafts_accepted += 1
+                    slots[-1].is_draft = False
+                else:
+                    if slots:  # a wrong guess (or nothing more needed): every younger slot goes
+                        stats.drafts_accepted += kept
+                        stats.drafts_rejected += not kept
+                        stats.flushes += not kept
+                        stats.drafts_discarded += len(slots) - 1
+                        slots.clear()
+                    if out.done:
+                        break
                     slots.append(Slot(verified, oldest.pos + 1))
                     x = self._embed([verified])
                     continue
-                if not slots:
-                    break
-            if guess is not None and slots and slots[0] is newest:
-                slots.insert(0, Slot(guess, newest.pos + 1, is_draft=True))
+                x = x[: len(slots)]
+            if wants_draft:
+                if sampler.greedy:
+                    guess, q = greedy_ids[-1], None
+                else:
+                    q = sampler.probs(logits[-1])
+                    guess = sampler.draw(q)
+                slots.insert(0, Slot(guess, newest.pos + 1, is_draft=True, draft_probs=q))
                 x = torch.cat((self._embed([guess]), x))
                 stats.drafts_launched += 1
 
         stats.drafts_discarded += sum(s.is_draft for s in slots)
         stats.mean_in_flight = rows_total / stats.steps if stats.steps else 0.0
 
-    def _verify(self, slots: list[Slot], verified: int, out: Output, stats: GenerationStats) -> None:
-        """Retire the oldest slot; keep its successor if it guessed right, else flush."""
-        slots.pop()
-        out.emit(verified)
-        if not slots:
-            return
-        successor = slots[-1]
-        if successor.token == verified and not out.done:
-            stats.drafts_accepted += 1
-            successor.is_draft = False
-            return
-        if successor.token == verified:
-            stats.drafts_accepted += 1
-        else:
-            stats.drafts_rejected += 1
-            stats.flushes += 1
-        # Wrong guess (or nothing more needed): every younger slot goes.
-        stats.drafts_discarded += len(slots) - 1
-        slots.clear()
+    @staticmethod
+    def _verify(slots: list[Slot], final_logits: torch.Tensor, greedy_token: int | None,
+                sampler: Sampler) -> tuple[bool, int]:
+        """The verified next token, and whether the successor slot (a guess) holds it."""
+        successor = slots[-1] if slots else None
+        if sampler.greedy:
+            return successor is not None and successor.token == greedy_token, greedy_token
+        p = sampler.probs(final_logits)
+        if successor is None:
+            return False, sampler.draw(p)
+        return sampler.accept(p, successor.draft_probs, successor.token)
 
     def _embed(self, tokens: list[int]) -> torch.Tensor:
         return self.model.embed(torch.tensor(tokens, device=self.model.device)[:, None])  # [n, 1, D]
