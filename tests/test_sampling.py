@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import random_model, small_config
 
+from helpers import random_model, small_config
 from speedec import GenerationError, generate
 from speedec.sampling import Sampler, SamplingParams
 
