@@ -349,6 +349,17 @@ def _print_manifest(out, manifest: dict) -> None:
     click.echo(f"wrote {out}: {summary}")
 
 
+def _register_training_commands() -> None:
+    from .training.commands import eval_command, tokenizer_group, train_command
+
+    cli.add_command(train_command, "train")
+    cli.add_command(eval_command, "eval")
+    cli.add_command(tokenizer_group, "tokenizer")
+
+
+_register_training_commands()
+
+
 def main() -> None:
     cli.main(prog_name="speedec")
 

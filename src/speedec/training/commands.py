@@ -1,0 +1,156 @@
+"""Command-line front ends of training: ``train``, ``eval`` and ``tokenizer train``.
+
+Thin wrappers over :func:`~speedec.training.train`,
+:func:`~speedec.training.evaluate_model` and
+:func:`~speedec.tokenizer.train_bpe`. Bad input raises a
+:class:`~speedec.errors.SpeedecError` or :class:`click.UsageError`; the main
+CLI prints those as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+# Command-line options that override a field of the config file (option -> field).
+_OVERRIDES = ("out_dir", "max_steps", "max_tokens", "threads", "seed", "lr", "batch_size",
+              "grad_accum", "log_every", "eval_every", "save_every", "device")
+
+
+def parse_settings(settings: tuple[str, ...]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs; VALUE is read as JSON, and as a plain string if it is not JSON."""
+    parsed = {}
+    for item in settings:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise click.UsageError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            parsed[name.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[name.strip()] = raw
+    return parsed
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise click.UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+@click.command("train")
+@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False),
+              help="Training config (JSON; see configs/train/).")
+@click.option("--resume", is_flag=True, help="Continue the run saved in the output directory.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output directory (overrides the config's out_dir).")
+@click.option("--max-steps", type=int, help="Run length in steps (replaces the config's budget).")
+@click.option("--max-tokens", type=int, help="Run length in tokens (replaces the config's budget).")
+@click.option("--threads", type=int, help="CPU threads per process.")
+@click.option("--seed", type=int)
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--batch-size", type=int, help="Global sequences per optimizer step.")
+@click.option("--grad-accum", type=int, help="Micro-batches per process and step.")
+@click.option("--log-every", type=int)
+@click.option("--eval-every", type=int)
+@click.option("--save-every", type=int)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--set", "settings", multiple=True, metavar="FIELD=VALUE",
+              help="Override any config field (VALUE is JSON, or a string). Repeatable.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_command(config_file, resume, settings, no_progress, **options) -> None:
+    """Train a looped model with the early-exit loss (use torchrun for data parallelism)."""
+    from .config import TrainConfig
+    from .distributed import launched_rank
+    from .trainer import train
+
+    overrides = parse_settings(settings)
+    overrides.update({name: value for name, value in options.items()
+                      if name in _OVERRIDES and value is not None})
+    # A budget given on the command line replaces the file's, whichever kind it is.
+    if options.get("max_steps") is not None:
+        overrides.setdefault("max_tokens", None)
+    if options.get("max_tokens") is not None:
+        overrides.setdefault("max_steps", None)
+    config = TrainConfig.from_file(config_file, overrides)
+    summary = train(config, resume=resume, progress=not no_progress)
+    if launched_rank() != 0:
+        return  # under torchrun only the main process reports
+    line = (f"trained {summary.steps} steps ({summary.tokens:,} tokens"
+            + (f", {summary.tokens_per_s:.0f} tokens/s" if summary.tokens_per_s else "") + ")")
+    if summary.eval is not None:
+        ev = summary.eval
+        line += f"; validation loss {ev['loss']:.4f} (ppl {ev['ppl']:.1f})"
+        if ev["exit_agreement"] is not None:
+            line += f", exit agreement {ev['exit_agreement']:.3f}"
+    click.echo(f"{line}; model in {summary.model_dir}")
+
+
+@click.command("eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="Model directory (with tokenizer.json, or byte-level).")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
+              help="Validation text file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--prompts", default=16, show_default=True, type=int,
+              help="Prompts decoded with the speed engine (0: skip).")
+@click.option("--prompt-tokens", default=32, show_default=True, type=int)
+@click.option("--new-tokens", default=64, show_default=True, type=int)
+@click.option("--windows", default=64, show_default=True, type=int,
+              help="Validation windows scored per loop.")
+@click.option("--seq-len", default=256, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--threads", type=int, help="CPU threads for PyTorch.")
+def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_tokens, windows,
+                 seq_len, batch_size, threads) -> None:
+    """Per-loop perplexity, exit/final agreement and SPEED acceptance of a model."""
+    from ..model import LoopedLM
+    from ..tokenizer import load_tokenizer
+    from .evaluate import evaluate_model
+
+    _set_threads(threads)
+    model = LoopedLM.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
+    result = evaluate_model(model, tokenizer, data_file, seq_len=seq_len, windows=windows,
+                            batch_size=batch_size, prompts=prompts, prompt_tokens=prompt_tokens,
+                            new_tokens=new_tokens)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{data_file}: {result['tokens']:,} tokens in windows of {result['seq_len']}")
+    click.echo("loop  loss     ppl        agreement with final")
+    for i, (loss, ppl, agree) in enumerate(zip(result["loss_per_loop"], result["ppl_per_loop"],
+                                                result["agreement_per_loop"]), start=1):
+        mark = "  <- exit" if i == result["exit_loop"] else ""
+        click.echo(f"{i:>4}  {loss:7.4f}  {ppl:9.2f}  {agree:6.3f}{mark}")
+    if result["acceptance"] is not None:
+        click.echo(f"speed engine on {result['prompts']} prompts x {result['new_tokens']} tokens: "
+                   f"acceptance {result['acceptance']:.3f}, {result['steps_per_token']:.2f} steps/token "
+                   f"({result['step_speedup']:.2f}x fewer steps than plain decoding)")
+
+
+@click.group("tokenizer")
+def tokenizer_group() -> None:
+    """Train byte-level BPE tokenizers."""
+
+
+@tokenizer_group.command("train")
+@click.option("--input", "inputs", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="Training text file (repeatable).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="tokenizer.json to write.")
+@click.option("--vocab-size", default=8192, show_default=True, type=int)
+@click.option("--min-frequency", default=2, show_default=True, type=int,
+              help="Minimum count of a pair to be merged.")
+def tokenizer_train(inputs, out, vocab_size, min_frequency) -> None:
+    """Train a byte-level BPE (with an end-of-text token) on text files."""
+    from ..tokenizer import train_bpe
+
+    if min_frequency < 1:
+        raise click.UsageError(f"--min-frequency must be >= 1, got {min_frequency}")
+    tokenizer = train_bpe([Path(p) for p in inputs], out, vocab_size=vocab_size,
+                          min_frequency=min_frequency)
+    click.echo(f"wrote {out} ({tokenizer.vocab_size} tokens)")

@@ -1,0 +1,256 @@
+"""TrainConfig: a frozen, validated description of one training run.
+
+A run is fully determined by its config: the model (a shape, a preset or an
+existing model directory to continue from), the data files, the optimiser
+and schedule, and the seed. Runtime-only fields (where to log, how often to
+save, how many threads) may change when a run is resumed; everything else
+must not, or the resumed run would silently be a different run.
+
+Batch semantics: ``batch_size`` is the *global* number of sequences per
+optimizer step, summed over data-parallel ranks and accumulation
+micro-batches. Each rank takes ``batch_size / world_size`` of them in
+``grad_accum`` micro-batches, so changing the number of processes or the
+accumulation changes the speed of a run, not its mathematics.
+
+Paths in a config file are taken relative to the current directory (run
+from the repository root), like paths given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig, preset
+from ..errors import ConfigError, TrainingError
+
+# Fields that only change how a run is executed or observed, not what it
+# computes: they may differ between a run and its resumption.
+RUNTIME_FIELDS = frozenset({"out_dir", "eval_every", "eval_batches", "log_every", "save_every",
+                            "threads", "description"})
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Tokenizer (tokenizer.json) used to encode the text files; it is copied
+    # into the final model directory.
+    tokenizer: str
+    # Plain UTF-8 text of the training and validation splits.
+    train_file: str
+    val_file: str
+    # Run directory: metrics.jsonl, checkpoint/, and model/ at the end.
+    out_dir: str
+    # Where the model comes from: exactly one of a shape (random init), a
+    # named preset (random init), or a saved model directory (its weights).
+    model: ModelConfig | None = None
+    preset: str | None = None
+    init_from: str | None = None
+    # Tokens per training sequence (the window is seq_len + 1 tokens long).
+    seq_len: int = 256
+    # Global sequences per optimizer step (all ranks and micro-batches).
+    batch_size: int = 16
+    # Micro-batches per rank and step (gradients accumulated over them).
+    grad_accum: int = 1
+    # Peak and final learning rate; linear warmup then cosine decay.
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 100
+    # Length of the run: exactly one of optimizer steps or training tokens.
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    # AdamW (decay on matrices only, not on norm gains).
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    # Global gradient-norm clip; null for none.
+    grad_clip: float | None = 1.0
+    # Loss = CE(final) + exit_weight * CE(exit loop) + all_loops_weight * mean CE(loops 1..L-1).
+    exit_weight: float = 0.5
+    all_loops_weight: float = 0.0
+    # Standard deviation of the random init (ignored with init_from).
+    init_std: float = 0.02
+    # Observation: log training loss every log_every steps; evaluate on
+    # eval_batches global batches of validation every eval_every steps (and
+    # at the end); checkpoint every save_every steps (and at the end).
+    log_every: int = 10
+    eval_every: int = 250
+    eval_batches: int = 8
+    save_every: int = 500
+    seed: int = 0
+    # CPU threads per process (null: PyTorch's default).
+    threads: int | None = None
+    # "auto" (CUDA when available), "cpu" or "cuda".
+    device: str = "auto"
+    # Free text: why this config exists (not used by training).
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("tokenizer", "train_file", "val_file", "out_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise TrainingError(f"{name} must be a non-empty path, got {value!r}")
+        sources = [name for name in ("model", "preset", "init_from") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            raise TrainingError("give exactly one of model (a shape), preset or init_from, got "
+                                + (", ".join(sources) if sources else "none"))
+        if self.model is not None and not isinstance(self.model, ModelConfig):
+            raise TrainingError(f"model must be a ModelConfig, got {type(self.model).__name__}")
+        for name in ("preset", "init_from"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TrainingError(f"{name} must be a non-empty string, got {value!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "log_every", "eval_every",
+                     "eval_batches", "save_every"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "seed"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise TrainingError("give exactly one of max_steps or max_tokens")
+        if self.max_steps is not None:
+            _check_int("max_steps", self.max_steps, minimum=1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, minimum=1)
+        if self.threads is not None:
+            _check_int("threads", self.threads, minimum=1)
+        if self.batch_size % self.grad_accum:
+            raise TrainingError(f"batch_size ({self.batch_size}) must be divisible by "
+                                f"grad_accum ({self.grad_accum})")
+        for name in ("lr", "init_std"):
+            _check_number(name, getattr(self, name), positive=True)
+        for name in ("min_lr", "weight_decay", "exit_weight", "all_loops_weight"):
+            _check_number(name, getattr(self, name), positive=False)
+        if self.min_lr > self.lr:
+            raise TrainingError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _check_number(name, value, positive=False)
+            if not value < 1:
+                raise TrainingError(f"{name} must be in [0, 1), got {value}")
+        if self.grad_clip is not None:
+            _check_number("grad_clip", self.grad_clip, positive=True)
+        if self.warmup_steps >= self.total_steps:
+            raise TrainingError(f"warmup_steps ({self.warmup_steps}) must be smaller than the "
+                                f"number of steps ({self.total_steps})")
+        if self.device not in DEVICES:
+            raise TrainingError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not isinstance(self.description, str):
+            raise TrainingError(f"description must be a string, got {self.description!r}")
+
+    # ------------------------------------------------------------ derived
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the run (a token budget is rounded up to whole steps)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return math.ceil(self.max_tokens / self.tokens_per_step)
+
+    def resolve_model_config(self) -> ModelConfig:
+        """The shape of the model to train, checked against the loss and sequence length."""
+        if self.model is not None:
+            config = self.model
+        elif self.preset is not None:
+            try:
+                config = preset(self.preset)
+            except ConfigError as exc:
+                raise TrainingError(str(exc)) from None
+        else:
+            from ..storage import load_config
+
+            try:
+                config = load_config(self.init_from)
+            except Exception as exc:  # ModelLoadError: a user's bad path
+                raise TrainingError(f"init_from: {exc}") from None
+        if self.seq_len > config.max_seq_len:
+            raise TrainingError(f"seq_len ({self.seq_len}) exceeds the model's max_seq_len "
+                                f"({config.max_seq_len})")
+        if self.exit_weight > 0 and not config.has_early_exit:
+            raise TrainingError("exit_weight > 0 needs a model with an early exit "
+                                "(this one has exit_loop null); set exit_weight to 0")
+        if self.all_loops_weight > 0 and config.n_loops == 1:
+            raise TrainingError("all_loops_weight > 0 needs n_loops > 1; set it to 0")
+        return config
+
+    # ------------------------------------------------------- (de)serialise
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (validated again)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.model is not None:
+            data["model"] = self.model.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise TrainingError(f"a training config must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise TrainingError(f"unknown training config field(s): {', '.join(unknown)}")
+        required = sorted(f.name for f in fields(cls) if f.default is dataclasses.MISSING)
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise TrainingError(f"missing training config field(s): {', '.join(missing)}")
+        data = dict(data)
+        if isinstance(data.get("model"), dict):
+            try:
+                data["model"] = ModelConfig.from_dict(data["model"])
+            except ConfigError as exc:
+                raise TrainingError(f"model: {exc}") from None
+        try:
+            return cls(**data)
+        except ConfigError as exc:  # e.g. a preset's own validation
+            raise TrainingError(str(exc)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Load a JSON config; ``overrides`` (e.g. from the command line) replace its fields."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TrainingError(f"training config {path} does not exist") from None
+        except OSError as exc:
+            raise TrainingError(f"cannot read training config {path}: {exc.strerror or exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TrainingError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise TrainingError(f"{path}: a training config must be a JSON object")
+        data.update(overrides or {})
+        try:
+            return cls.from_dict(data)
+        except TrainingError as exc:
+            raise TrainingError(f"{path}: {exc}") from None
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """Names of the non-runtime fields whose values differ (why a resume is refused)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(name for name in mine if name not in RUNTIME_FIELDS and mine[name] != theirs[name])
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TrainingError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise TrainingError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value: Any, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TrainingError(f"{name} must be a number, got {value!r}")
+    if positive and not value > 0:
+        raise TrainingError(f"{name} must be positive, got {value}")
+    if not positive and value < 0:
+        raise TrainingError(f"{name} must be >= 0, got {value}")

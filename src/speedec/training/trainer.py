@@ -1,0 +1,409 @@
+"""The training loop: AdamW on the early-exit loss, data parallel under torchrun.
+
+One optimizer step:
+
+1. set the learning rate of the step (warmup + cosine, a function of the step);
+2. draw this rank's share of the step's global batch (a function of seed and step);
+3. forward/backward over ``grad_accum`` micro-batches (DDP all-reduces the
+   gradients on the last one);
+4. clip the global gradient norm and step AdamW.
+
+Around it: periodic logging to ``metrics.jsonl`` and a progress bar, periodic
+evaluation of every loop on the validation split, and atomic checkpoints.
+Only rank 0 writes; every rank computes the same schedule, so collective
+calls (loss averages, evaluation sums) happen at the same steps everywhere.
+
+Because the data, the schedule and the RNG states are all functions of the
+step or stored in the checkpoint, a resumed run continues bit-for-bit where
+the saved one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import ModelLoadError, TokenizerError, TrainingError
+from ..model import LoopedLM
+from ..storage import atomic_write, atomic_write_text
+from ..tokenizer import BPETokenizer
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    TOKENIZER_FILE,
+    TRAIN_CONFIG_FILE,
+    Checkpoint,
+    TrainingState,
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .data import check_tokens, evaluation_windows, load_tokens, training_batch
+from .distributed import Distributed, autocast, setup_distributed
+from .evaluate import loop_metrics
+from .loss import LossWeights, looped_loss, loss_loops
+from .schedule import CosineSchedule
+
+METRICS_FILE = "metrics.jsonl"
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What a finished run reports."""
+
+    # Optimizer steps completed and training tokens consumed (all ranks).
+    steps: int
+    tokens: int
+    # Training loss (weighted total) averaged over the last logging interval.
+    train_loss: float | None
+    # The last validation evaluation (see :func:`~speedec.training.evaluate.loop_metrics`).
+    eval: dict | None
+    # The final model: config.json, model.safetensors, tokenizer.json.
+    model_dir: Path
+    # Seconds of training (over all sessions of a resumed run) and its throughput.
+    train_s: float
+    tokens_per_s: float | None
+    # The step the run was resumed from; None for a fresh run.
+    resumed_from: int | None
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per event, appended (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, event: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(event) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop events past ``step`` (a resumed run recomputes them; a fresh run starts
+        from 0) and any line torn by a kill mid-write."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict) and event.get("step", 0) <= step:
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
+
+
+@dataclass
+class Run:
+    """Everything a training loop works with, set up once."""
+
+    config: TrainConfig
+    dist: Distributed
+    # The bare model (saved, evaluated) and the module that trains it (DDP or the same model).
+    model: LoopedLM
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: CosineSchedule
+    weights: LossWeights
+    # Loops whose logits the loss reads.
+    output_loops: tuple[int, ...]
+    train_tokens: np.ndarray
+    # [N, seq_len + 1] fixed validation windows.
+    val_windows: torch.Tensor
+    tokenizer_file: Path
+    out_dir: Path
+    metrics: MetricsLog
+    # Where this session starts: steps done, tokens seen and seconds trained so far
+    # (all 0 for a fresh run, the checkpoint's values when resuming).
+    start_step: int
+    start_tokens: int
+    start_elapsed_s: float
+    resumed_from: int | None
+
+
+# ------------------------------------------------------------------ setup
+def check_files(config: TrainConfig) -> Path:
+    """Fail early, with the file's name, when an input is missing; returns the tokenizer path."""
+    for name in ("tokenizer", "train_file", "val_file"):
+        path = Path(getattr(config, name))
+        if not path.is_file():
+            raise TrainingError(f"{name} {path} does not exist")
+    return Path(config.tokenizer)
+
+
+def load_split(path: str, tokenizer: BPETokenizer, dist: Distributed, seq_len: int) -> np.ndarray:
+    """Tokens of a split; rank 0 tokenises (and caches) first, the others then read the cache."""
+    if dist.is_main:
+        tokens = load_tokens(path, tokenizer)
+    dist.barrier()
+    if not dist.is_main:
+        tokens = load_tokens(path, tokenizer)
+    check_tokens(tokens, seq_len, path)
+    return tokens
+
+
+def build_optimizer(model: LoopedLM, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying norm gains toward 0 only hurts."""
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay},
+              {"params": vectors, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def resume_point(config: TrainConfig, root: Path, resume: bool, device: torch.device) -> Checkpoint | None:
+    """The checkpoint to continue from, after checking it belongs to this config."""
+    path = latest_checkpoint(root)
+    if not resume:
+        if path is not None:
+            raise TrainingError(f"{config.out_dir} already holds a checkpoint ({path.name}); "
+                                "pass --resume to continue it or choose another output directory")
+        return None
+    if path is None:
+        raise TrainingError(f"nothing to resume: {root} holds no checkpoint")
+    checkpoint = load_checkpoint(path, device=device)
+    differing = checkpoint.config.differences(config)
+    if differing:
+        raise TrainingError(f"cannot resume {path}: the config differs in {', '.join(differing)}")
+    return checkpoint
+
+
+def setup_run(config: TrainConfig, dist: Distributed, resume: bool) -> Run:
+    model_config = config.resolve_model_config()
+    tokenizer_file = check_files(config)
+    try:
+        tokenizer = BPETokenizer(tokenizer_file)
+    except TokenizerError as exc:
+        raise TrainingError(str(exc)) from None
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise TrainingError(f"the tokenizer {tokenizer_file} has {tokenizer.vocab_size} tokens but the "
+                            f"model's vocabulary has only {model_config.vocab_size}")
+    if config.batch_size % (dist.world_size * config.grad_accum):
+        raise TrainingError(f"batch_size ({config.batch_size}) must be divisible by processes x "
+                            f"grad_accum ({dist.world_size} x {config.grad_accum})")
+    out_dir = Path(config.out_dir)
+    checkpoint = resume_point(config, out_dir / CHECKPOINT_DIR, resume, dist.device)
+
+    train_tokens = load_split(config.train_file, tokenizer, dist, config.seq_len)
+    val_tokens = load_split(config.val_file, tokenizer, dist, config.seq_len)
+    val_windows = evaluation_windows(val_tokens, config.seq_len, config.eval_batches * config.batch_size)
+
+    torch.manual_seed(config.seed)
+    if checkpoint is not None:
+        model = checkpoint.model
+    elif config.init_from is not None:
+        try:
+            model = LoopedLM.from_pretrained(config.init_from)
+        except ModelLoadError as exc:
+            raise TrainingError(f"init_from: {exc}") from None
+    else:
+        model = LoopedLM.random(model_config, seed=config.seed, std=config.init_std)
+    model = model.to(device=dist.device, dtype=torch.float32).train()
+    optimizer = build_optimizer(model, config)
+    start_step, start_tokens, start_elapsed_s = 0, 0, 0.0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint.state.optimizer)
+        restore_rng(checkpoint.state.rng)
+        start_step = checkpoint.state.step
+        start_tokens = checkpoint.state.tokens_seen
+        start_elapsed_s = checkpoint.state.elapsed_s
+    if dist.enabled:
+        net = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+    else:
+        net = model
+
+    weights = LossWeights(exit_weight=config.exit_weight, all_loops_weight=config.all_loops_weight)
+    metrics = MetricsLog(out_dir / METRICS_FILE, enabled=dist.is_main)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / TRAIN_CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+        metrics.truncate_after(start_step)
+    return Run(config=config, dist=dist, model=model, net=net, optimizer=optimizer,
+               schedule=CosineSchedule(peak=config.lr, minimum=config.min_lr,
+                                       warmup_steps=config.warmup_steps, total_steps=config.total_steps),
+               weights=weights, output_loops=loss_loops(model.config, weights),
+               train_tokens=train_tokens, val_windows=val_windows, tokenizer_file=tokenizer_file,
+               out_dir=out_dir, metrics=metrics,
+               start_step=start_step, start_tokens=start_tokens, start_elapsed_s=start_elapsed_s,
+               resumed_from=start_step if checkpoint is not None else None)
+
+
+# --------------------------------------------------------------- one step
+def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns this rank's ``[4]`` loss parts (total, final, exit,
+    all-loops; 0 where unused) and the global gradient norm, both still on the device."""
+    c = run.config
+    lr = run.schedule(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    batch = training_batch(run.train_tokens, seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed,
+                           step=step, rank=run.dist.rank, world_size=run.dist.world_size)
+    micro_batches = batch.to(run.dist.device).reshape(c.grad_accum, -1, c.seq_len + 1)  # [A, b, T+1]
+    parts = torch.zeros(4, device=run.dist.device)
+    for i, micro in enumerate(micro_batches):
+        # Gradients are all-reduced only on the last micro-batch of the step.
+        last = i == c.grad_accum - 1
+        sync = nullcontext() if last or not run.dist.enabled else run.net.no_sync()
+        with sync:
+            with autocast(run.dist.device):
+                out = run.net(micro[:, :-1], output_loops=run.output_loops)
+                loss = looped_loss(out, micro[:, 1:], run.model.config, run.weights)
+            (loss.total / c.grad_accum).backward()
+        zero = torch.zeros((), device=run.dist.device)
+        parts += torch.stack([loss.total, loss.final,
+                              loss.exit if loss.exit is not None else zero,
+                              loss.all_loops if loss.all_loops is not None else zero]).detach() / c.grad_accum
+    max_norm = c.grad_clip if c.grad_clip is not None else math.inf  # inf: measure, never scale
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return parts, grad_norm
+
+
+# ------------------------------------------------------------- observers
+def evaluate(run: Run, step: int) -> dict:
+    micro = run.config.batch_size // (run.dist.world_size * run.config.grad_accum)
+    result = loop_metrics(run.model, run.val_windows, batch_size=micro, dist=run.dist)
+    run.metrics.write({"event": "eval", "step": step, **result})
+    return result
+
+
+def save(run: Run, step: int, tokens_seen: int, elapsed_s: float) -> None:
+    if run.dist.is_main:
+        state = TrainingState(step=step, tokens_seen=tokens_seen, elapsed_s=elapsed_s,
+                              optimizer=run.optimizer.state_dict(), rng=capture_rng())
+        save_checkpoint(run.out_dir / CHECKPOINT_DIR, run.model, state, run.config, run.tokenizer_file)
+    run.dist.barrier()
+
+
+def write_final_model(run: Run) -> Path:
+    """``out_dir/model``: the trained model, its tokenizer and the config that made it."""
+    directory = run.out_dir / MODEL_DIR
+    if run.dist.is_main:
+        run.model.save_pretrained(directory)
+        atomic_write(directory / TOKENIZER_FILE, lambda tmp: shutil.copyfile(run.tokenizer_file, tmp))
+        atomic_write_text(directory / TRAIN_CONFIG_FILE, json.dumps(run.config.to_dict(), indent=2) + "\n")
+    run.dist.barrier()
+    return directory
+
+
+def _progress_bar(run: Run, enabled: bool):
+    if not (enabled and run.dist.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.config.total_steps, initial=run.start_step, unit="step",
+                desc="train", dynamic_ncols=True)
+
+
+class Interval:
+    """Loss parts, steps and seconds accumulated since the last log event."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.parts = torch.zeros(4, device=self.device)  # total, final, exit, all-loops
+        self.steps = 0
+        self.seconds = 0.0
+
+    def average(self, dist: Distributed) -> list[float]:
+        """Loss parts averaged over ranks and steps; a deliberate host sync once per interval."""
+        return (dist.all_reduce_sum(self.parts) / (dist.world_size * self.steps)).tolist()
+
+
+def log_train(run: Run, interval: Interval, losses: list[float], grad_norm: torch.Tensor,
+              step: int, tokens_seen: int, elapsed_s: float, bar) -> float:
+    """Write a ``train`` event for the interval ending at ``step``; returns its mean loss."""
+    total_loss, final, exit_ce, all_loops = losses
+    tokens_per_s = interval.steps * run.config.tokens_per_step / interval.seconds
+    event = {"event": "train", "step": step, "loss": total_loss, "loss_final": final,
+             "lr": run.schedule(step - 1), "grad_norm": float(grad_norm),
+             "tokens": tokens_seen, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s}
+    if run.weights.exit_weight > 0:
+        event["loss_exit"] = exit_ce
+    if run.weights.all_loops_weight > 0:
+        event["loss_all_loops"] = all_loops
+    run.metrics.write(event)
+    if bar is not None:
+        bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+    return total_loss
+
+
+# ------------------------------------------------------------------- loop
+def run_training(run: Run, progress: bool) -> TrainSummary:
+    c = run.config
+    total = c.total_steps
+    step, tokens_seen, elapsed_s = run.start_step, run.start_tokens, run.start_elapsed_s
+    bar = _progress_bar(run, progress)
+    interval = Interval(run.dist.device)
+    train_loss, last_eval = None, None
+    try:
+        while step < total:
+            start = time.perf_counter()
+            parts, grad_norm = train_step(run, step)
+            step += 1
+            tokens_seen += c.tokens_per_step
+            interval.parts += parts
+            interval.steps += 1
+            log_now = step % c.log_every == 0 or step == total
+            losses = interval.average(run.dist) if log_now else None
+            step_s = time.perf_counter() - start  # after the sync, so device time is counted
+            elapsed_s += step_s
+            interval.seconds += step_s
+            if bar is not None:
+                bar.update(1)
+            if log_now:
+                train_loss = log_train(run, interval, losses, grad_norm, step, tokens_seen, elapsed_s, bar)
+                interval.reset()
+            if step % c.eval_every == 0 or step == total:
+                last_eval = evaluate(run, step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{train_loss:.3f}" if train_loss is not None else "-",
+                                    val=f"{last_eval['loss']:.3f}",
+                                    agree=f"{last_eval['exit_agreement'] or 0:.2f}")
+            if step % c.save_every == 0 or step == total:
+                save(run, step, tokens_seen, elapsed_s)
+    finally:
+        if bar is not None:
+            bar.close()
+    if last_eval is None:  # resumed a finished run: evaluate its final weights once more
+        last_eval = evaluate(run, step)
+    model_dir = write_final_model(run)
+    run.metrics.write({"event": "done", "step": step, "tokens": tokens_seen, "train_s": elapsed_s,
+                       "model_dir": str(model_dir)})
+    return TrainSummary(steps=step, tokens=tokens_seen, train_loss=train_loss, eval=last_eval,
+                        model_dir=model_dir, train_s=elapsed_s,
+                        tokens_per_s=tokens_seen / elapsed_s if elapsed_s > 0 else None,
+                        resumed_from=run.resumed_from)
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainSummary:
+    """Train (or, with ``resume``, continue) the run described by ``config``.
+
+    Under ``torchrun`` each process calls this; rank 0 writes everything.
+    """
+    previous_threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    dist = setup_distributed(config.device)
+    try:
+        return run_training(setup_run(config, dist, resume), progress)
+    finally:
+        dist.shutdown()
+        torch.set_num_threads(previous_threads)
