@@ -33,7 +33,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Written out: F.rms_norm measured 32 us against about 12 us for these
+        # four ops on a few rows of 1024 (a per-layer cost at every step).
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 def rope_table(max_len: int, head_dim: int, theta: float) -> torch.Tensor:
