@@ -118,6 +118,7 @@ class CountWeightReads(TorchDispatchMode):
                     name = self._name(a)
                     if name is not None:
                         self.calls[name] += 1
-        if "scaled_dot_product" in func.__name__:
+        name = func.__name__.split(".")[0]
+        if "scaled_dot_product" in name or name in ("softmax", "_softmax"):
             self.attention += 1
         return func(*args, **(kwargs or {}))

@@ -109,6 +109,65 @@ class StepLayout:
         return loops.repeat_interleave(self.rows)
 
 
+def step_layout(rope: torch.Tensor, positions, loops, *, rep: int, dtype: torch.dtype) -> StepLayout:
+    """A :class:`StepLayout` over a rotary table ``rope [max_len, 2, hd]``; ``rep`` is
+    the number of query heads per kv head."""
+    device = rope.device
+    pos = torch.tensor(positions, dtype=torch.long, device=device)  # [G, T]
+    G, T = pos.shape
+    kv_len = int(max(max(row) for row in positions)) + 1
+    table = rope[pos].to(dtype)  # [G, T, 2, hd]
+    cos, sin = table[:, :, 0, None, :], table[:, :, 1, None, :]
+    if G == 1 and T == 1:
+        mask = None  # one row reading exactly its kv_len keys
+    else:
+        keys = torch.arange(kv_len, device=device)
+        mask = keys[None, None, :] <= pos[:, :, None]  # [G, T, S]
+        # Rows ordered (kv-group member, t), as the grouped queries are.
+        mask = mask[:, None, None].expand(G, 1, rep, T, kv_len).reshape(G, 1, rep * T, kv_len)
+    return StepLayout(positions=pos, loops=tuple(loops), kv_len=kv_len, cos=cos, sin=sin,
+                      mask=mask, flat_positions=pos.reshape(-1))
+
+
+class CachedSelfAttention:
+    """Self-attention of the rows of a layout against the engine's cache, for one
+    unique layer after ``shift`` passes of the call.
+
+    Each row writes its key/value at (its virtual layer, its position) and
+    attends over its own virtual layer's cache up to its own position; all
+    groups go through one attention call.
+    """
+
+    def __init__(self, cache: KVCache, layout: StepLayout, unique_layer: int, shift: int) -> None:
+        self.cache, self.layout, self.unique_layer = cache, layout, unique_layer
+        self.loop_ids = layout.loop_ids(shift)
+        self.loop_index = layout.loop_index(shift)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q [G, T, H, hd]``, ``k, v [G, T, Hkv, hd]`` -> ``[G, T, H * hd]``."""
+        G, T, H, hd = q.shape
+        Hkv = k.shape[2]
+        rep = H // Hkv
+        layout = self.layout
+        self.cache.write(self.unique_layer, self.loop_ids, layout.flat_positions,
+                         k.reshape(G * T, Hkv, hd), v.reshape(G * T, Hkv, hd))
+        keys, values = self.cache.read(self.unique_layer, self.loop_index, layout.kv_len)  # [G, Hkv, S, hd]
+        S = layout.kv_len
+        # Queries grouped by kv head: [G, T, Hkv, rep, hd] -> [G*Hkv, rep*T, hd], scaled.
+        q = q.reshape(G, T, Hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(G * Hkv, rep * T, hd)
+        q = q * hd ** -0.5
+        # For consecutive loops (G, Hkv) merge into one batch dimension of the
+        # cache view: plain batched matmuls, no copy. (Measured faster than
+        # scaled_dot_product_attention for a step's few rows.)
+        scores = torch.bmm(q, keys.reshape(G * Hkv, S, hd).transpose(1, 2))  # [G*Hkv, rep*T, S]
+        if layout.mask is not None:
+            scores = scores.view(G, Hkv, rep * T, S).masked_fill(~layout.mask, float("-inf"))
+        probs = torch.softmax(scores.view(G * Hkv, rep * T, S), dim=-1)
+        out = torch.bmm(probs, values.reshape(G * Hkv, S, hd))  # [G*Hkv, rep*T, hd]
+        # [G, Hkv, rep, T, hd] -> [G, T, H*hd]
+        return out.view(G, Hkv, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(G, T, -1)
+
+
 class LoopedLayer(nn.Module):
     """One unique Llama-style layer: RMSNorm, GQA attention with RoPE, SwiGLU MLP.
 
@@ -270,21 +329,7 @@ class LoopedLM(nn.Module):
     def layout(self, positions: list[list[int]], loops: list[int] | tuple[int, ...]) -> StepLayout:
         """Describe G groups of T rows: ``positions[g][t]``, group g at loop ``loops[g]``."""
         c = self.config
-        device = self.device
-        pos = torch.tensor(positions, dtype=torch.long, device=device)  # [G, T]
-        G, T = pos.shape
-        kv_len = int(max(max(row) for row in positions)) + 1
-        rope = self.rope[pos].to(self.dtype)  # [G, T, 2, hd]
-        cos, sin = rope[:, :, 0, None, :], rope[:, :, 1, None, :]
-        if G == 1 and T == 1:
-            mask = None  # one row reading exactly its kv_len keys
-        else:
-            rep = c.n_heads // c.n_kv_heads
-            keys = torch.arange(kv_len, device=device)
-            mask = keys[None, None, :] <= pos[:, :, None]  # [G, T, S]
-            mask = mask[:, None, None].expand(G, 1, rep, T, kv_len).reshape(G, 1, rep * T, kv_len)
-        return StepLayout(positions=pos, loops=tuple(loops), kv_len=kv_len, cos=cos, sin=sin,
-                          mask=mask, flat_positions=pos.reshape(-1))
+        return step_layout(self.rope, positions, loops, rep=c.n_heads // c.n_kv_heads, dtype=self.dtype)
 
     def run_loops(self, x: torch.Tensor, layout: StepLayout, cache: KVCache,
                   n_loops: int) -> torch.Tensor:
@@ -293,22 +338,8 @@ class LoopedLM(nn.Module):
         Each row writes its key/value at (its virtual layer, its position) and
         attends over its own virtual layer's cache up to its own position.
         """
-        c = self.config
-        G, T = layout.groups, layout.rows
-        Hkv, rep, hd = c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim
         for shift in range(n_loops):
-            loop_ids = layout.loop_ids(shift)
-            loop_index = layout.loop_index(shift)
             for k_unique, layer in enumerate(self.layers):
-                def attend(q, k, v, k_unique=k_unique, loop_ids=loop_ids, loop_index=loop_index):
-                    cache.write(k_unique, loop_ids, layout.flat_positions,
-                                k.reshape(G * T, Hkv, hd), v.reshape(G * T, Hkv, hd))
-                    keys, values = cache.read(k_unique, loop_index, layout.kv_len)  # [G, S, Hkv, hd]
-                    # Queries grouped by kv head: [G, T, Hkv, rep, hd] -> [G, Hkv, rep*T, hd].
-                    q = q.reshape(G, T, Hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(G, Hkv, rep * T, hd)
-                    out = F.scaled_dot_product_attention(
-                        q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=layout.mask)
-                    # [G, Hkv, rep*T, hd] -> [G, T, H*hd]
-                    return out.reshape(G, Hkv, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(G, T, -1)
+                attend = CachedSelfAttention(cache, layout, k_unique, shift)
                 x = layer(x, layout.cos, layout.sin, attend)
         return x

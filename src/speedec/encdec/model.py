@@ -39,7 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
-from ..model import LoopedLayer, RMSNorm, StepLayout, apply_rope, linear, rope_table
+from ..model import (
+    CachedSelfAttention,
+    LoopedLayer,
+    RMSNorm,
+    StepLayout,
+    apply_rope,
+    linear,
+    rope_table,
+    step_layout,
+)
 from .config import EncDecConfig
 
 
@@ -322,22 +331,8 @@ class EncDecLM(nn.Module):
         rotary table.
         """
         c = self.config
-        device = self.device
-        pos = torch.tensor(positions, dtype=torch.long, device=device)  # [G, T]
-        G, T = pos.shape
-        kv_len = int(max(max(row) for row in positions)) + 1
-        rope = self.decoder_rope[pos].to(self.dtype)  # [G, T, 2, hd]
-        cos, sin = rope[:, :, 0, None, :], rope[:, :, 1, None, :]
-        if G == 1 and T == 1:
-            mask = None  # one row reading exactly its kv_len keys
-        else:
-            rep = c.n_heads // c.n_kv_heads
-            keys = torch.arange(kv_len, device=device)
-            mask = keys[None, None, :] <= pos[:, :, None]  # [G, T, S]
-            # Rows ordered (kv-group member, t), as the grouped queries are.
-            mask = mask[:, None, None].expand(G, 1, rep, T, kv_len).reshape(G, 1, rep * T, kv_len)
-        return StepLayout(positions=pos, loops=tuple(loops), kv_len=kv_len, cos=cos, sin=sin,
-                          mask=mask, flat_positions=pos.reshape(-1))
+        return step_layout(self.decoder_rope, positions, loops, rep=c.n_heads // c.n_kv_heads,
+                           dtype=self.dtype)
 
     def run_decoder_loops(self, x: torch.Tensor, layout: StepLayout, cache: KVCache,
                           memory: EncoderMemory, n_loops: int) -> torch.Tensor:
@@ -348,22 +343,8 @@ class EncDecLM(nn.Module):
         (strided views, no gather, when the loops are evenly spaced).
         Cross-attention: all G*T rows read unique layer k's memory together.
         """
-        c = self.config
-        G, T = layout.groups, layout.rows
-        Hkv, rep, hd = c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim
         for shift in range(n_loops):
-            loop_ids = layout.loop_ids(shift)
-            loop_index = layout.loop_index(shift)
             for k_unique, layer in enumerate(self.decoder_layers):
-                def self_attend(q, k, v, k_unique=k_unique, loop_ids=loop_ids, loop_index=loop_index):
-                    cache.write(k_unique, loop_ids, layout.flat_positions,
-                                k.reshape(G * T, Hkv, hd), v.reshape(G * T, Hkv, hd))
-                    keys, values = cache.read(k_unique, loop_index, layout.kv_len)  # [G, S, Hkv, hd]
-                    # Queries grouped by kv head: [G, T, Hkv, rep, hd] -> [G, Hkv, rep*T, hd].
-                    q = q.reshape(G, T, Hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(G, Hkv, rep * T, hd)
-                    out = F.scaled_dot_product_attention(
-                        q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=layout.mask)
-                    # [G, Hkv, rep*T, hd] -> [G, T, H*hd]
-                    return out.reshape(G, Hkv, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(G, T, -1)
+                self_attend = CachedSelfAttention(cache, layout, k_unique, shift)
                 x = layer(x, layout.cos, layout.sin, self_attend, partial(memory.attend, k_unique))
         return x
