@@ -16,18 +16,14 @@ two configs can never disagree about what a valid looped decoder is.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-from ..config import ModelConfig
+from ..config import JsonConfig, ModelConfig
 from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
-class EncDecConfig:
+class EncDecConfig(JsonConfig):
     # Shared source/target vocabulary.
     vocab_size: int
     d_model: int
@@ -91,44 +87,3 @@ class EncDecConfig:
     def has_early_exit(self) -> bool:
         return self.exit_loop is not None
 
-    def replace(self, **changes: Any) -> EncDecConfig:
-        """A copy with some fields changed (validated again)."""
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> EncDecConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"an encoder-decoder config must be a JSON object, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-        required = {f.name for f in fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        missing = required - set(data)
-        if missing:
-            raise ConfigError(f"missing config field(s): {', '.join(sorted(missing))}")
-        return cls(**data)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> EncDecConfig:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-        try:
-            return cls.from_dict(data)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
