@@ -215,7 +215,34 @@ class LoopedOutput:
     loop_logits: dict[int, torch.Tensor]
 
 
-class LoopedLM(nn.Module):
+class LoopedModelBase(nn.Module):
+    """What the decoder-only and encoder-decoder models share: reproducible
+    random construction and the dtype/device/LM-head accessors engines use.
+    Subclasses define ``reset_parameters``, ``embed`` and ``lm_head``."""
+
+    @classmethod
+    def random(cls, config, *, seed: int = 0, residual_scale: float = 1.0,
+               std: float = 0.02):
+        """A model with reproducible random weights (see :meth:`reset_parameters`)."""
+        model = cls(config)
+        model.reset_parameters(std=std, residual_scale=residual_scale,
+                               generator=torch.Generator().manual_seed(seed))
+        return model.eval()
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+
+class LoopedLM(LoopedModelBase):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -251,15 +278,6 @@ class LoopedLM(nn.Module):
                 layer.mlp_norm.weight.fill_(1.0)
             self.norm.weight.fill_(1.0)
 
-    @classmethod
-    def random(cls, config: ModelConfig, *, seed: int = 0, residual_scale: float = 1.0,
-               std: float = 0.02) -> LoopedLM:
-        """A model with reproducible random weights (see :meth:`reset_parameters`)."""
-        model = cls(config)
-        model.reset_parameters(std=std, residual_scale=residual_scale,
-                               generator=torch.Generator().manual_seed(seed))
-        return model.eval()
-
     def save_pretrained(self, directory) -> None:
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
         from .storage import save_pretrained
@@ -273,18 +291,6 @@ class LoopedLM(nn.Module):
         from .storage import from_pretrained
 
         return from_pretrained(directory, dtype=dtype, device=device)
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
 
     # --------------------------------------------------------------- training
     def forward(self, tokens: torch.Tensor, *, output_loops: tuple[int, ...] = ()) -> LoopedOutput:

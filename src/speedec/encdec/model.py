@@ -42,6 +42,7 @@ from ..cache import KVCache
 from ..model import (
     CachedSelfAttention,
     LoopedLayer,
+    LoopedModelBase,
     RMSNorm,
     StepLayout,
     apply_rope,
@@ -171,7 +172,7 @@ class EncDecOutput:
     loop_logits: dict[int, torch.Tensor]
 
 
-class EncDecLM(nn.Module):
+class EncDecLM(LoopedModelBase):
     def __init__(self, config: EncDecConfig) -> None:
         super().__init__()
         self.config = config
@@ -218,15 +219,6 @@ class EncDecLM(nn.Module):
                 if isinstance(module, RMSNorm):
                     module.weight.fill_(1.0)
 
-    @classmethod
-    def random(cls, config: EncDecConfig, *, seed: int = 0, residual_scale: float = 1.0,
-               std: float = 0.02) -> EncDecLM:
-        """A model with reproducible random weights (see :meth:`reset_parameters`)."""
-        model = cls(config)
-        model.reset_parameters(std=std, residual_scale=residual_scale,
-                               generator=torch.Generator().manual_seed(seed))
-        return model.eval()
-
     def save_pretrained(self, directory) -> None:
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
         from .storage import save_pretrained
@@ -241,17 +233,6 @@ class EncDecLM(nn.Module):
 
         return from_pretrained(directory, dtype=dtype, device=device)
 
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
 
     # ---------------------------------------------------------------- encoder
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> EncoderMemory:
