@@ -14,26 +14,12 @@ import click
 import torch
 
 from . import __version__
+from .bundled import bundled_model_dir, resolve_model_dir  # noqa: F401 (re-exported)
 from .config import PRESET_RESIDUAL_SCALE, ModelConfig, preset
-from .errors import GenerationError, ModelLoadError, SpeedecError
+from .errors import GenerationError, SpeedecError
 from .model import LoopedLM
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-def bundled_model_dir() -> Path | None:
-    """The model shipped inside the package, if this install has one."""
-    path = Path(__file__).parent / "assets" / "default-model"
-    return path if (path / "config.json").is_file() else None
-
-
-def resolve_model_dir(model: str | None) -> Path:
-    if model is not None:
-        return Path(model)
-    bundled = bundled_model_dir()
-    if bundled is None:
-        raise ModelLoadError("no --model given and this install has no bundled model")
-    return bundled
 
 
 def load_model(model: str | None, dtype: str, device: str) -> tuple[Path, LoopedLM]:

@@ -91,8 +91,8 @@ def train_command(config_file, resume, settings, no_progress, **options) -> None
 
 
 @click.command("eval")
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
-              help="Model directory (with tokenizer.json, or byte-level).")
+@click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False),
+              help="Model directory (with tokenizer.json, or byte-level; default: the bundled model).")
 @click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
               help="Validation text file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -108,11 +108,13 @@ def train_command(config_file, resume, settings, no_progress, **options) -> None
 def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_tokens, windows,
                  seq_len, batch_size, threads) -> None:
     """Per-loop perplexity, exit/final agreement and SPEED acceptance of a model."""
+    from ..bundled import resolve_model_dir
     from ..model import LoopedLM
     from ..tokenizer import load_tokenizer
     from .evaluate import evaluate_model
 
     _set_threads(threads)
+    model_dir = resolve_model_dir(model_dir)
     model = LoopedLM.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     result = evaluate_model(model, tokenizer, data_file, seq_len=seq_len, windows=windows,
