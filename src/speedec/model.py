@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -130,28 +131,30 @@ def step_layout(rope: torch.Tensor, positions, loops, *, rep: int, dtype: torch.
 
 
 class CachedSelfAttention:
-    """Self-attention of the rows of a layout against the engine's cache, for one
-    unique layer after ``shift`` passes of the call.
+    """Self-attention of the rows of a layout against the engine's cache after
+    ``shift`` passes of the call; the loop indices are built once per pass and
+    shared by the K unique layers.
 
     Each row writes its key/value at (its virtual layer, its position) and
     attends over its own virtual layer's cache up to its own position; all
     groups go through one attention call.
     """
 
-    def __init__(self, cache: KVCache, layout: StepLayout, unique_layer: int, shift: int) -> None:
-        self.cache, self.layout, self.unique_layer = cache, layout, unique_layer
+    def __init__(self, cache: KVCache, layout: StepLayout, shift: int) -> None:
+        self.cache, self.layout = cache, layout
         self.loop_ids = layout.loop_ids(shift)
         self.loop_index = layout.loop_index(shift)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, unique_layer: int, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
         """``q [G, T, H, hd]``, ``k, v [G, T, Hkv, hd]`` -> ``[G, T, H * hd]``."""
         G, T, H, hd = q.shape
         Hkv = k.shape[2]
         rep = H // Hkv
         layout = self.layout
-        self.cache.write(self.unique_layer, self.loop_ids, layout.flat_positions,
+        self.cache.write(unique_layer, self.loop_ids, layout.flat_positions,
                          k.reshape(G * T, Hkv, hd), v.reshape(G * T, Hkv, hd))
-        keys, values = self.cache.read(self.unique_layer, self.loop_index, layout.kv_len)  # [G, Hkv, S, hd]
+        keys, values = self.cache.read(unique_layer, self.loop_index, layout.kv_len)  # [G, Hkv, S, hd]
         S = layout.kv_len
         # Queries grouped by kv head: [G, T, Hkv, rep, hd] -> [G*Hkv, rep*T, hd], scaled.
         q = q.reshape(G, T, Hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(G * Hkv, rep * T, hd)
@@ -345,7 +348,7 @@ class LoopedLM(LoopedModelBase):
         attends over its own virtual layer's cache up to its own position.
         """
         for shift in range(n_loops):
+            attention = CachedSelfAttention(cache, layout, shift)
             for k_unique, layer in enumerate(self.layers):
-                attend = CachedSelfAttention(cache, layout, k_unique, shift)
-                x = layer(x, layout.cos, layout.sin, attend)
+                x = layer(x, layout.cos, layout.sin, partial(attention, k_unique))
         return x

@@ -325,7 +325,8 @@ class EncDecLM(LoopedModelBase):
         Cross-attention: all G*T rows read unique layer k's memory together.
         """
         for shift in range(n_loops):
+            self_attention = CachedSelfAttention(cache, layout, shift)
             for k_unique, layer in enumerate(self.decoder_layers):
-                self_attend = CachedSelfAttention(cache, layout, k_unique, shift)
-                x = layer(x, layout.cos, layout.sin, self_attend, partial(memory.attend, k_unique))
+                x = layer(x, layout.cos, layout.sin, partial(self_attention, k_unique),
+                          partial(memory.attend, k_unique))
         return x
