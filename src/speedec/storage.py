@@ -94,6 +94,16 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype = torch.float32
                     device: str | torch.device = "cpu") -> LoopedLM:
     directory = Path(directory)
     config = load_config(directory)
+    return load_weights(LoopedLM(config), directory, dtype=dtype, device=device)
+
+
+def load_weights(model, directory: Path, *, dtype: torch.dtype, device: str | torch.device):
+    """Fill ``model`` (built from the directory's config) from its ``model.safetensors``.
+
+    Shared by every model family: a missing, corrupt, mismatched-config or
+    wrongly-shaped weights file is a ModelLoadError that names it.
+    """
+    config = model.config
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing")
@@ -105,14 +115,11 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype = torch.float32
         raise ModelLoadError(f"{path} is truncated or corrupt: {exc}") from None
     stored = metadata.get("speedec_config")
     if stored is not None:
-        stored_dict = json.loads(stored)
-        stored_dict.pop("format", None)
-        stored_dict.pop("format_version", None)
+        stored_dict = _stored_config(stored)
         if stored_dict != config.to_dict():
             raise ModelLoadError(
                 f"{path} was saved with a different config than {directory / CONFIG_FILE} "
                 "(interrupted save or mixed files)")
-    model = LoopedLM(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -127,3 +134,15 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype = torch.float32
                 f"{tuple(expected[name].shape)}")
     model.load_state_dict(tensors)
     return model.to(dtype=dtype, device=device).eval()
+
+
+def _stored_config(text: str) -> dict | None:
+    """The config a weights file was saved with (formatting aside); None if unreadable."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(data, dict):
+        data.pop("format", None)
+        data.pop("format_version", None)
+    return data

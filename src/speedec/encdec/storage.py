@@ -11,11 +11,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import ConfigError, ModelLoadError
-from ..storage import CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text
+from ..storage import CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text, load_weights
 from .config import EncDecConfig
 from .model import EncDecLM
 
@@ -68,47 +67,8 @@ def load_config(directory: str | Path) -> EncDecConfig:
         raise ModelLoadError(f"{path}: {exc}") from None
 
 
-def _stored_config(text: str) -> dict | None:
-    """The config a weights file was saved with (formatting aside); None if unreadable."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if isinstance(data, dict):
-        data.pop("format", None)
-        data.pop("format_version", None)
-    return data
-
-
 def from_pretrained(directory: str | Path, *, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> EncDecLM:
     directory = Path(directory)
     config = load_config(directory)
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing")
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path} is truncated or corrupt: {exc}") from None
-    if "speedec_config" in metadata and _stored_config(metadata["speedec_config"]) != config.to_dict():
-        raise ModelLoadError(
-            f"{path} was saved with a different config than {directory / CONFIG_FILE} "
-            "(interrupted save or mixed files)")
-    model = EncDecLM(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        raise ModelLoadError(f"{path} lacks tensor(s): {', '.join(missing[:5])}")
-    if unexpected:
-        raise ModelLoadError(f"{path} has unexpected tensor(s): {', '.join(unexpected[:5])}")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise ModelLoadError(
-                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config says "
-                f"{tuple(expected[name].shape)}")
-    model.load_state_dict(tensors)
-    return model.to(dtype=dtype, device=device).eval()
+    return load_weights(EncDecLM(config), directory, dtype=dtype, device=device)
