@@ -27,12 +27,12 @@ import torch
 from ..cache import KVCache
 from ..config import ModelConfig
 from ..engines.autoregressive import AutoregressiveEngine
-from ..engines.base import Engine, GenerationResult, GenerationStats, Output, TokenCallback, prefill
+from ..engines.base import Engine, GenerationResult, TokenCallback, prefill
 from ..engines.self_speculative import SelfSpeculativeEngine
 from ..engines.speed import SpeedEngine
 from ..errors import GenerationError
 from ..model import StepLayout
-from ..sampling import Sampler, SamplingParams
+from ..sampling import SamplingParams
 from .model import EncDecLM, EncoderMemory
 
 # Decoder-only engines that only use the interface ConditionedDecoder offers.
@@ -135,22 +135,21 @@ def translate_ids(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_ne
             f"unknown engine {engine!r}; choose one of: {', '.join(TRANSLATION_ENGINES)}") from None
     bos = model.config.bos_token_id if bos_token_id is None else bos_token_id
     src = validate_translation(model, src_ids, max_new_tokens, eos_token_id, bos)
-    sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-                      device=model.device)
-    out = Output(max_new_tokens, eos_token_id, on_token)
-    stats = GenerationStats(prompt_tokens=len(src))
-    start = time.perf_counter()
+    begin = time.perf_counter()
     with torch.inference_mode():
         memory = model.encode(torch.tensor([src], device=model.device))  # one source, no padding
-        decoder = ConditionedDecoder(model, memory)
-        decoding = engine_cls.create(decoder, **engine_options)
+    decoder = ConditionedDecoder(model, memory)
+    decoding = engine_cls.create(decoder, **engine_options)
+    encode_s = time.perf_counter() - begin
+
+    def start() -> tuple[KVCache, torch.Tensor, int]:
         cache = KVCache(decoder.config, 1 + max_new_tokens, dtype=model.dtype, device=model.device)
-        logits = prefill(decoder, cache, [bos])
-        out.emit(sampler.pick(logits))  # deliberate host sync: the first token
-        stats.prefill_s = time.perf_counter() - start
-        if not out.done:
-            decoding.decode(cache, 1, out, stats, sampler)
-    stats.wall_s = time.perf_counter() - start
-    stats.decode_s = stats.wall_s - stats.prefill_s
-    stats.new_tokens = len(out.tokens)
-    return GenerationResult(tokens=out.tokens, stop_reason=out.stop_reason or "length", stats=stats)
+        return cache, prefill(decoder, cache, [bos]), 1
+
+    result = decoding.run(start, len(src), max_new_tokens, eos_token_id=eos_token_id, on_token=on_token,
+                          sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                  seed=seed))
+    # prefill covers the encoder and the cross-attention keys/values too
+    result.stats.prefill_s += encode_s
+    result.stats.wall_s += encode_s
+    return result

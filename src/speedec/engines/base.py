@@ -159,19 +159,31 @@ class Engine(ABC):
                  eos_token_id: int | None = None, on_token: TokenCallback | None = None,
                  sampling: SamplingParams | None = None) -> GenerationResult:
         prompt = validate_request(self.model, prompt_ids, max_new_tokens, eos_token_id)
-        sampler = Sampler(sampling or SamplingParams(), device=self.model.device)
-        out = Output(max_new_tokens, eos_token_id, on_token)
-        stats = GenerationStats(prompt_tokens=len(prompt))
-        start = time.perf_counter()
-        with torch.inference_mode():
+
+        def start() -> tuple[KVCache, torch.Tensor, int]:
             cache = KVCache(self.model.config, len(prompt) + max_new_tokens,
                             dtype=self.model.dtype, device=self.model.device)
-            logits = prefill(self.model, cache, prompt)
+            return cache, prefill(self.model, cache, prompt), len(prompt)
+
+        return self.run(start, len(prompt), max_new_tokens, eos_token_id=eos_token_id,
+                        on_token=on_token, sampling=sampling)
+
+    def run(self, start: Callable[[], tuple[KVCache, torch.Tensor, int]], prompt_tokens: int,
+            max_new_tokens: int, *, eos_token_id: int | None, on_token: TokenCallback | None,
+            sampling: SamplingParams | None) -> GenerationResult:
+        """Time and drive one request: ``start()`` allocates the cache and prefills,
+        returning (cache, logits of the first new token, its position)."""
+        sampler = Sampler(sampling or SamplingParams(), device=self.model.device)
+        out = Output(max_new_tokens, eos_token_id, on_token)
+        stats = GenerationStats(prompt_tokens=prompt_tokens)
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            cache, logits, first_pos = start()
             out.emit(sampler.pick(logits))  # deliberate host sync: the first token
-            stats.prefill_s = time.perf_counter() - start
+            stats.prefill_s = time.perf_counter() - begin
             if not out.done:
-                self.decode(cache, len(prompt), out, stats, sampler)
-        stats.wall_s = time.perf_counter() - start
+                self.decode(cache, first_pos, out, stats, sampler)
+        stats.wall_s = time.perf_counter() - begin
         stats.decode_s = stats.wall_s - stats.prefill_s
         stats.new_tokens = len(out.tokens)
         return GenerationResult(tokens=out.tokens, stop_reason=out.stop_reason or "length",
