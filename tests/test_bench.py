@@ -71,6 +71,20 @@ def test_speedup_is_median_of_paired_ratios(tiny):
     assert s.matches_autoregressive == 1.0
 
 
+def test_speedup_over_plain_speed_is_paired_too(tiny):
+    records = [
+        _record("autoregressive", 0, 100, 10.0), _record("speed", 0, 100, 5.0), _record("v", 0, 100, 4.0),
+        _record("autoregressive", 1, 100, 20.0), _record("speed", 1, 100, 10.0), _record("v", 1, 100, 5.0),
+        _record("autoregressive", 2, 100, 10.0), _record("speed", 2, 100, 5.0), _record("v", 2, 100, 5.0),
+    ]
+    s = _summarise(EngineSpec("v", "ours", "speed", {"early_correction": True}), records, tiny, 1, None)
+    assert s.speedup_vs_speed == pytest.approx(1.25)  # median of 1.25, 2.0, 1.0
+    plain = _summarise(EngineSpec("speed", "ours", "speed"), records, tiny, 1, None)
+    assert plain.speedup_vs_speed == pytest.approx(1.0)
+    ar = _summarise(EngineSpec("autoregressive", "ours", "autoregressive"), records, tiny, 1, None)
+    assert ar.speedup_vs_speed == pytest.approx(0.5)
+
+
 def test_cost_model_matches_design_example():
     assert cost_model_speedup(0.85, 1, 4) == pytest.approx(4 / (0.85 + 0.15 * 4))
     assert round(cost_model_speedup(0.85, 1, 4), 2) == 2.76
@@ -106,7 +120,8 @@ def test_run_benchmark_end_to_end(tiny, tmp_path):
 def test_bench_cli_json(tmp_path):
     torch_threads = torch.get_num_threads()
     out = tmp_path / "b.json"
-    result = CliRunner().invoke(cli, ["bench", "--preset", "tiny", "--engines", "autoregressive,speed",
+    result = CliRunner().invoke(cli, ["bench", "--preset", "tiny",
+                                      "--engines", "autoregressive,speed,speed+correction+guesses=2+adaptive",
                                       "--repeats", "1", "--warmup", "0", "--prompts", "2",
                                       "--max-new-tokens", "8", "--threads", str(torch_threads),
                                       "--bandwidth-mb", "16", "--json", str(out)])
@@ -114,7 +129,15 @@ def test_bench_cli_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["preset"] == "tiny" and data["bandwidth"]["stream_gbps"] > 0
     for entry in data["engines"]:
-        for key in ("engine", "tokens_per_s", "speedup_vs_autoregressive", "acceptance", "steps_per_token"):
+        for key in ("engine", "tokens_per_s", "speedup_vs_autoregressive", "speedup_vs_speed", "acceptance",
+                    "steps_per_token"):
             assert key in entry
+    variant = data["engines"][2]
+    assert variant["engine"] == "speed+correction+guesses=2+adaptive" and variant["matches_autoregressive"] == 1.0
+    assert variant["speedup_vs_speed"] > 0
     bad = CliRunner().invoke(cli, ["bench", "--preset", "tiny", "--engines", "beam"])
     assert bad.exit_code == 2 and "unknown engine 'beam'" in bad.stderr
+    bad = CliRunner().invoke(cli, ["bench", "--preset", "tiny", "--engines", "speed+beam"])
+    assert bad.exit_code == 2 and "unknown speed option 'beam'" in bad.stderr
+    bad = CliRunner().invoke(cli, ["bench", "--preset", "tiny", "--engines", "speed+guesses=x"])
+    assert bad.exit_code == 2 and "guesses must be an integer" in bad.stderr

@@ -33,6 +33,9 @@ def test_init_then_generate_engines_agree(tiny):
         assert data["engine"] == engine and isinstance(data["text"], str)
         outputs[engine] = data["tokens"]
     assert outputs["speed"] == outputs["autoregressive"]
+    code, stdout, _ = run("generate", "--model", tiny, "--prompt-ids", "72,105,33", "--max-new-tokens", 24,
+                          "--early-correction", "--adaptive", "--guesses", 3, "--json")
+    assert code == 0 and json.loads(stdout)["tokens"] == outputs["speed"]
 
 
 def test_text_prompt_plain_and_stream(tiny):
@@ -56,6 +59,9 @@ def test_init_refuses_to_overwrite(tiny):
     (["--prompt-ids", "1", "--max-new-tokens", "100000"], "max_seq_len"),
     (["--prompt-ids", "1", "--max-new-tokens", "0"], "max_new_tokens"),
     ([], "exactly one of"),
+    (["--prompt-ids", "1", "--guesses", "0"], "guesses must be an integer from 1"),
+    (["--prompt-ids", "1", "--engine", "autoregressive", "--early-correction"],
+     "takes no option 'early_correction'"),
     (["--prompt-ids", "1", "--bogus"], "No such option"),
 ])
 def test_bad_generate_input_is_one_line_exit_2(tiny, args, message):

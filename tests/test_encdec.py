@@ -72,10 +72,12 @@ def test_speed_equals_autoregressive_float64(config, seed, data):
         eos = ref.tokens[data.draw(st.integers(0, n_new - 1))]  # an EOS that does occur
         ref = translate_ids(model, src, n_new, engine="autoregressive", eos_token_id=eos)
         assert ref.tokens[-1] == eos and eos not in ref.tokens[:-1]
-    for engine, options in (("speed", {}),
+    speed_options = {"early_correction": data.draw(st.booleans()),
+                     "guesses": data.draw(st.integers(1, min(3, config.vocab_size)))}
+    for engine, options in (("speed", {}), ("speed", speed_options),
                             ("self-speculative", {"draft_tokens": data.draw(st.integers(1, 5))})):
         out = translate_ids(model, src, n_new, engine=engine, eos_token_id=eos, **options)
-        assert out.tokens == ref.tokens, engine
+        assert out.tokens == ref.tokens, (engine, options)
         assert out.stop_reason == ref.stop_reason
         s = out.stats
         if engine == "speed":

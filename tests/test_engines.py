@@ -43,15 +43,22 @@ def test_speed_equals_autoregressive_float64(config, seed, data):
         eos = ref.tokens[data.draw(st.integers(0, n_new - 1))]  # an EOS that does occur
         ref = generate(model, prompt, n_new, engine="autoregressive", eos_token_id=eos)
         assert ref.tokens[-1] == eos and eos not in ref.tokens[:-1]
-    for engine, options in (("speed", {}),
+    depth = -(-config.n_loops // config.exit_loop)
+    guesses = data.draw(st.integers(1, min(4, config.vocab_size)))
+    speed_options = {"early_correction": data.draw(st.booleans()), "guesses": guesses}
+    if data.draw(st.booleans()):  # adaptive, with step costs that favour or disfavour guessing
+        rows = depth + (depth - 1) * (guesses - 1)
+        speed_options.update(adaptive=True, step_costs=[1.0] + [data.draw(st.sampled_from([1.0, 50.0]))] * (rows - 1))
+    for engine, options in (("speed", {}), ("speed", speed_options),
                             ("self-speculative", {"draft_tokens": data.draw(st.integers(1, 6))})):
         out = generate(model, prompt, n_new, engine=engine, eos_token_id=eos, **options)
-        assert out.tokens == ref.tokens, engine
+        assert out.tokens == ref.tokens, (engine, options)
         assert out.stop_reason == ref.stop_reason
         s = out.stats
         assert s.drafts_launched >= s.drafts_accepted + s.drafts_rejected + s.drafts_discarded
         if engine == "speed":
             assert s.drafts_launched == s.drafts_accepted + s.drafts_rejected + s.drafts_discarded
+            assert s.spare_hits <= s.drafts_rejected
         assert s.flushes == s.drafts_rejected
         assert s.new_tokens == len(out.tokens)
 
@@ -129,6 +136,150 @@ def test_early_exit_sometimes_agrees():
     assert s.drafts_accepted == expected_accept
     assert s.drafts_accepted + s.drafts_rejected == 38  # slots of tokens 1..38 draft
     assert 0.0 < s.acceptance < 1.0
+
+
+@pytest.mark.parametrize("n_loops,exit_loop", [(4, 1), (5, 1), (6, 2)])
+def test_early_correction_replaces_wrong_guesses_before_verification(n_loops, exit_loop):
+    # The exit is always wrong, but the prediction turns final midway between
+    # the exit and the last loop: every guess gets corrected, none flushed.
+    exit_map, final_map = _maps(10, 0)
+    model = mapping_model(exit_map, final_map, n_loops=n_loops, exit_loop=exit_loop)
+    ref = generate(model, [2, 5], 30, engine="autoregressive")
+    plain = generate(model, [2, 5], 30, engine="speed")
+    out = generate(model, [2, 5], 30, engine="speed", early_correction=True)
+    assert out.tokens == ref.tokens
+    s = out.stats
+    assert s.corrections == 28 and s.flushes == 0 and s.acceptance == 1.0
+    assert plain.stats.corrections == 0 and plain.stats.acceptance == 0.0
+    assert s.drafts_launched == s.drafts_accepted + s.drafts_rejected + s.drafts_discarded
+    # The corrected guess starts as soon as the prediction turns, so fewer steps.
+    assert s.steps < plain.stats.steps
+
+
+def test_early_correction_changes_nothing_when_the_exit_is_right():
+    exit_map, _ = _maps(10, 0)
+    model = mapping_model(exit_map, exit_map, n_loops=4, exit_loop=1)
+    plain = generate(model, [2, 5], 40, engine="speed")
+    out = generate(model, [2, 5], 40, engine="speed", early_correction=True)
+    assert out.tokens == plain.tokens and out.stats.corrections == 0
+    assert out.stats.steps == plain.stats.steps
+
+
+@pytest.mark.parametrize("n_loops,exit_loop", [(4, 1), (6, 2)])
+def test_spares_hold_the_token_the_guess_missed(n_loops, exit_loop):
+    # The final prediction is always the exit's second choice: with two guesses
+    # every miss is caught by the spare, which goes on instead of restarting.
+    exit_map, final_map = _maps(10, 0)
+    model = mapping_model(exit_map, final_map, n_loops=n_loops, exit_loop=exit_loop)
+    ref = generate(model, [2, 5], 30, engine="autoregressive")
+    plain = generate(model, [2, 5], 30, engine="speed")
+    out = generate(model, [2, 5], 30, engine="speed", guesses=2)
+    assert out.tokens == ref.tokens
+    s = out.stats
+    assert s.spare_hits == s.drafts_rejected > 0 and s.spares_launched == s.drafts_launched
+    assert s.steps < plain.stats.steps and s.mean_in_flight > plain.stats.mean_in_flight
+    # A spare whose guess was right is dropped, never promoted.
+    right = mapping_model(exit_map, exit_map, n_loops=n_loops, exit_loop=exit_loop)
+    both = generate(right, [2, 5], 30, engine="speed", guesses=2)
+    assert both.stats.spare_hits == 0 and both.stats.acceptance == 1.0
+    assert both.tokens == generate(right, [2, 5], 30, engine="autoregressive").tokens
+
+
+def test_spare_rows_attend_like_pipeline_rows():
+    from speedec.model import SpareRows
+
+    config = small_config(n_loops=3, exit_loop=1)
+    model = random_model(config, seed=3)
+    cache = KVCache(config, 24, dtype=torch.float64, device="cpu")
+    with torch.inference_mode():
+        model.run_loops(model.embed(torch.arange(10)[None]), model.layout([list(range(10))], [0]), cache, 3)
+        side = SpareRows.side_buffers(config, 3, dtype=torch.float64, device=torch.device("cpu"))
+        x = torch.randn(1, 1, config.d_model, dtype=torch.float64)
+        spare = model.spare_rows([10], [1], [2], side)
+        both = model.run_loops(torch.cat((x, x)), model.layout([[10]], [1]), cache, 1, spares=spare)
+        assert torch.allclose(both[0], both[1], atol=1e-12)
+        # the spare's keys went to its side buffer, equal to the pipeline row's cache entry
+        assert torch.allclose(side[0][2, :, 1], cache.keys[:, 1, :, 10])
+        assert side[0][[0, 1]].abs().sum() == 0
+
+
+def test_adaptive_policy_stops_guessing_when_rows_are_expensive():
+    exit_map, final_map = _maps(10, 0)  # the exit is always wrong
+    model = mapping_model(exit_map, final_map, n_loops=4, exit_loop=1)
+    ref = generate(model, [2, 5], 40, engine="autoregressive")
+    # Guessing costs 4 rows per step at 3x the 1-row cost: at acceptance 0 it never pays.
+    costly = generate(model, [2, 5], 40, engine="speed", adaptive=True, step_costs=[1.0, 2.0, 2.5, 3.0])
+    assert costly.tokens == ref.tokens
+    s = costly.stats
+    assert s.guesses_skipped > 20  # after the first wrong guesses it only probes (one in 4)
+    # Free rows: guessing never costs more than not guessing, so it always guesses.
+    free = generate(model, [2, 5], 40, engine="speed", adaptive=True, step_costs=[1.0, 1.0, 1.0, 1.0])
+    assert free.tokens == ref.tokens and free.stats.guesses_skipped == 0
+    assert s.drafts_launched < free.stats.drafts_launched / 2
+    # Right guesses at expensive rows still pay (1 step per token instead of 4).
+    right = mapping_model(exit_map, exit_map, n_loops=4, exit_loop=1)
+    good = generate(right, [2, 5], 40, engine="speed", adaptive=True, step_costs=[1.0, 2.0, 2.5, 3.0])
+    assert good.stats.guesses_skipped == 0 and good.stats.acceptance == 1.0
+
+
+def test_speculation_policy_cost_model():
+    from speedec.engines.speed import SpeculationPolicy
+
+    policy = SpeculationPolicy(4, 1, [1.0, 1.2, 1.4, 1.6])
+    assert policy.expected_cost(0) == 4.0
+    assert policy.expected_cost(1) == pytest.approx(1.6)  # acceptance starts at 1
+    for _ in range(200):
+        policy.record(None)
+    assert policy.acceptance < 1e-4
+    assert policy.expected_cost(1) == pytest.approx(4 * 1.6, rel=1e-3)
+    decisions = [policy.speculate() for _ in range(8)]
+    assert decisions == [False, False, False, True] * 2  # probes only
+
+
+def test_speculation_policy_chooses_spares_when_they_pay():
+    from speedec.engines.speed import SpeculationPolicy
+
+    # L=4, e=1: depth 4; 2 guesses -> 7 rows. The second candidate is always right.
+    policy = SpeculationPolicy(4, 1, [1.0, 1.0, 1.0, 1.0, 1.05, 1.1, 1.15], max_guesses=2)
+    for _ in range(200):
+        policy.record(1)
+    assert policy.hit_rate[0] < 1e-4 and policy.hit_rate[1] == pytest.approx(1.0)
+    # one guess: 4 steps x 1.0; two: (L - e) = 3 steps x 1.15
+    assert policy.expected_cost(1) == pytest.approx(4.0, rel=1e-3)
+    assert policy.expected_cost(2) == pytest.approx(3 * 1.15, rel=1e-3)
+    assert policy.choose() == 2
+    # rows too dear: no spares, and with acceptance 0 no guess at all
+    dear = SpeculationPolicy(4, 1, [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0], max_guesses=2)
+    for _ in range(200):
+        dear.record(1)
+    assert dear.choose() in (0, 1) and dear.expected_cost(2) > dear.expected_cost(1)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"early_correction": 1}, "early_correction must be True or False"),
+    ({"adaptive": "yes"}, "adaptive must be True or False"),
+    ({"adaptive": True, "step_costs": [1.0]}, "step_costs must hold"),
+    ({"adaptive": True, "step_costs": [1.0, 0.0, 1.0]}, "step_costs must hold"),
+    ({"guesses": 0}, "guesses must be an integer from 1"),
+    ({"guesses": 9}, "guesses must be an integer from 1"),
+    ({"guesses": True}, "guesses must be an integer from 1"),
+])
+def test_bad_speed_options(options, match):
+    model = random_model(small_config(n_loops=3, exit_loop=1))
+    with pytest.raises(GenerationError, match=match):
+        generate(model, [1, 2], 4, engine="speed", **options)
+
+
+def test_adaptive_measures_step_costs_once():
+    model = random_model(small_config(n_loops=4, exit_loop=1))
+    engine = get_engine("speed", model, adaptive=True)
+    first = engine.generate([1, 2], 8)
+    costs = list(engine.step_costs)
+    assert len(costs) == 4 and all(t > 0 for t in costs)
+    second = engine.generate([1, 2], 8)
+    assert engine.step_costs == costs and first.tokens == second.tokens
+    # a new engine on the same model (speedec.generate makes one per call) reuses the measurement
+    assert get_engine("speed", model, adaptive=True)._policy().step_costs == costs
 
 
 def _weights(model):

@@ -80,8 +80,11 @@ def test_exit_and_final_distributions_differ_a_lot(model):
 N = 1500
 
 
-@pytest.mark.parametrize("engine,kwargs", [("autoregressive", {}), ("speed", {}),
-                                           ("self-speculative", {"draft_tokens": 2})])
+@pytest.mark.parametrize("engine,kwargs", [
+    ("autoregressive", {}), ("speed", {}), ("speed", {"early_correction": True}),
+    ("speed", {"adaptive": True, "step_costs": [1.0, 1.0, 1.0]}),
+    ("speed", {"guesses": 3}), ("speed", {"guesses": 2, "early_correction": True}),
+    ("self-speculative", {"draft_tokens": 2})])
 def test_engine_matches_exact_distribution(model, engine, kwargs):
     ok, ratio = _chi_square_ok(_sample_pairs(model, engine, N, **kwargs), _exact_pairs(model), N)
     assert ok, f"{engine}: chi-square {ratio:.2f}x the critical value"
@@ -89,7 +92,8 @@ def test_engine_matches_exact_distribution(model, engine, kwargs):
 
 def test_a_wrong_acceptance_rule_is_detected(model, monkeypatch):
     # Keeping every guess samples the second token from the early exit's q, not p.
-    monkeypatch.setattr(Sampler, "accept", lambda self, p, q, draft: (True, draft))
+    monkeypatch.setattr(Sampler, "accept_many",
+                        lambda self, p, drafts: (0, drafts[0][0]) if drafts else (None, self.draw(p)))
     ok, ratio = _chi_square_ok(_sample_pairs(model, "speed", N), _exact_pairs(model), N)
     assert not ok and ratio > 2
 
@@ -107,9 +111,10 @@ def test_top_k_top_p_distribution_through_speed(model):
 
 
 def test_seeded_runs_are_reproducible(model):
-    for engine in ("autoregressive", "speed", "self-speculative"):
-        a = generate(model, PROMPT, 20, engine=engine, temperature=0.8, seed=7).tokens
-        b = generate(model, PROMPT, 20, engine=engine, temperature=0.8, seed=7).tokens
+    for engine, kwargs in (("autoregressive", {}), ("speed", {}), ("speed", {"early_correction": True}),
+                           ("speed", {"guesses": 3}), ("self-speculative", {})):
+        a = generate(model, PROMPT, 20, engine=engine, temperature=0.8, seed=7, **kwargs).tokens
+        b = generate(model, PROMPT, 20, engine=engine, temperature=0.8, seed=7, **kwargs).tokens
         assert a == b
     runs = {tuple(generate(model, PROMPT, 20, engine="speed", temperature=TEMP, seed=s).tokens)
             for s in range(5)}
@@ -144,6 +149,48 @@ def test_accept_rule_is_lossless_exactly():
         counts[sampler.accept(p, q, sampler.draw(q))[1]] += 1
     for y in range(4):
         assert abs(counts[y] / 20000 - float(p[y])) < 0.015
+
+
+def _several_guesses_exact(p, qs):
+    """Exact output distribution of accept_many for independent guesses x_i ~ q_i."""
+    V = len(p)
+    total = torch.zeros(V, dtype=torch.float64)
+
+    def walk(target, i, weight):
+        nonlocal total
+        if i == len(qs):
+            total += weight * target
+            return
+        q = qs[i]
+        keep = torch.where(q > 0, torch.minimum(torch.ones(V, dtype=torch.float64), target / q), 0.0)
+        total += weight * q * keep  # guess i drawn and kept
+        rejected = float((q * (1 - keep)).sum())
+        residual = (target - q).clamp_min(0)
+        if rejected > 0 and float(residual.sum()) > 0:
+            walk(residual / residual.sum(), i + 1, weight * rejected)
+
+    walk(p, 0, 1.0)
+    return total
+
+
+def test_several_guesses_rule_is_lossless():
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
+    q1 = torch.tensor([0.1, 0.1, 0.4, 0.4], dtype=torch.float64)
+    q2 = torch.tensor([0.0, 0.2, 0.2, 0.6], dtype=torch.float64)
+    assert torch.allclose(_several_guesses_exact(p, [q1, q2]), p)
+    assert torch.allclose(_several_guesses_exact(p, [q1, q1, q1]), p)
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=0))
+    counts, n = Counter(), 20000
+    for _ in range(n):
+        counts[sampler.accept_many(p, [(sampler.draw(q1), q1), (sampler.draw(q2), q2)])[1]] += 1
+    for y in range(4):
+        assert abs(counts[y] / n - float(p[y])) < 0.015
+    # Keeping the second guess whenever the first is rejected is not lossless: it is caught.
+    wrong = Counter()
+    for _ in range(n):
+        index, token = sampler.accept_many(p, [(sampler.draw(q1), q1)])
+        wrong[token if index is not None else sampler.draw(q2)] += 1
+    assert max(abs(wrong[y] / n - float(p[y])) for y in range(4)) > 0.05
 
 
 @pytest.mark.parametrize("kwargs,match", [

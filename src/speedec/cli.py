@@ -72,6 +72,26 @@ def cli() -> None:
     """speedec: fast exact decoding for looped decoders with SPEED."""
 
 
+SPEED_VARIANTS = {"correction": "early_correction", "adaptive": "adaptive"}
+
+
+def speed_variant(name: str) -> dict:
+    """Engine options of a bench row such as ``speed+correction+guesses=2+adaptive``."""
+    options: dict = {}
+    for flag in name.split("+")[1:]:
+        if flag.startswith("guesses="):
+            value = flag.split("=", 1)[1]
+            if not value.isdigit():
+                raise click.UsageError(f"guesses must be an integer in {name!r}, got {value!r}")
+            options["guesses"] = int(value)
+        elif flag in SPEED_VARIANTS:
+            options[SPEED_VARIANTS[flag]] = True
+        else:
+            raise click.UsageError(f"unknown speed option {flag!r} in {name!r}; choose from: "
+                                   f"{', '.join(SPEED_VARIANTS)}, guesses=N")
+    return options
+
+
 @cli.command()
 @click.option("--preset", "preset_name", help="Named shape: tiny, membound, membound-deep.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
@@ -109,6 +129,13 @@ def init(preset_name, config_file, out, seed, residual_scale, force) -> None:
 @click.option("--engine", default="speed", show_default=True,
               help="speed, autoregressive or self-speculative.")
 @click.option("--draft-tokens", type=int, default=None, help="Guesses per round (self-speculative).")
+@click.option("--early-correction", is_flag=True,
+              help="speed: replace a guess as soon as a later loop predicts otherwise.")
+@click.option("--guesses", type=int, default=None,
+              help="speed: candidates launched per guess (the best as the guess, the rest as spares).")
+@click.option("--adaptive", is_flag=True,
+              help="speed: choose how many candidates to launch (none included) from measured "
+                   "acceptance and step costs.")
 @click.option("--eos-token-id", type=int, default=None,
               help="Stop at this token (default: the tokenizer's end-of-text, if any).")
 @click.option("--temperature", default=0.0, show_default=True, type=float,
@@ -121,8 +148,8 @@ def init(preset_name, config_file, out, seed, residual_scale, force) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
 @click.option("--stream", is_flag=True, help="Print text as tokens are verified.")
-def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, draft_tokens, eos_token_id,
-             temperature, top_k, top_p, seed, dtype, device, threads, as_json, stream) -> None:
+def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, draft_tokens,
+             early_correction, guesses, adaptive, eos_token_id, temperature, top_k, top_p, seed, dtype, device, threads, as_json, stream) -> None:
     """Generate a continuation of a prompt (greedy; every engine gives the same tokens)."""
     from .engines import ENGINES
     from .engines import generate as run_generate
@@ -156,6 +183,12 @@ def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, 
 
     printer = _StreamPrinter(tokenizer) if stream and not as_json else None
     options = {} if draft_tokens is None else {"draft_tokens": draft_tokens}
+    if early_correction:
+        options["early_correction"] = True
+    if adaptive:
+        options["adaptive"] = True
+    if guesses is not None:
+        options["guesses"] = guesses
     result = run_generate(model, ids, max_new_tokens, engine=engine, eos_token_id=eos_token_id,
                           on_token=printer.add if printer else None, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed, **options)
@@ -221,7 +254,10 @@ def export_hf_cmd(model_dir, out_dir) -> None:
               help="membound, membound-deep, tiny, or default (the bundled model).")
 @click.option("--model", "model_dir", default=None, help="Benchmark a saved model instead of a preset.")
 @click.option("--engines", default="autoregressive,speed,self-speculative,hf-generate,hf-early-exit",
-              show_default=True, help="Comma-separated: speedec engines, hf-generate, hf-early-exit.")
+              show_default=True,
+              help="Comma-separated: speedec engines, speed variants (options joined by '+': "
+                   "speed+correction, speed+guesses=2, speed+adaptive, speed+correction+guesses=2+adaptive), "
+                   "hf-generate, hf-early-exit.")
 @click.option("--draft-tokens", default="1,2,3,4", show_default=True,
               help="k values for self-speculative (one row each).")
 @click.option("--prompts", "n_prompts", default=4, show_default=True, type=int)
@@ -235,8 +271,11 @@ def export_hf_cmd(model_dir, out_dir) -> None:
 @click.option("--plots", "plots_dir", default=None, help="Write PNG plots into this directory.")
 @click.option("--bandwidth-mb", default=400.0, show_default=True, type=float,
               help="Buffer size for the memory-bandwidth measurement.")
+@click.option("--residual-scale", type=float, default=None,
+              help="Random presets: scale of the residual branches (sets the acceptance; "
+                   "default: the preset's).")
 def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, max_new_tokens, repeats,
-          warmup, threads, seed, json_path, plots_dir, bandwidth_mb) -> None:
+          warmup, threads, seed, json_path, plots_dir, bandwidth_mb, residual_scale) -> None:
     """Measure engines side by side (interleaved, paired) and print a table."""
     from .bench import measure_bandwidth, run_benchmark
     from .bench.report import format_table, write_json, write_plots
@@ -251,8 +290,12 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
     torch.set_num_threads(threads)
     if preset_name == "default" and model_dir is None:
         model_dir = str(resolve_model_dir(None))
-    model = build_model(preset_name, seed=seed, model_dir=model_dir)
+    if residual_scale is not None and (model_dir is not None or not residual_scale > 0):
+        raise click.UsageError("--residual-scale takes a positive number and applies to random presets only")
+    model = build_model(preset_name, seed=seed, model_dir=model_dir, residual_scale=residual_scale)
     label = preset_name if model_dir is None or preset_name == "default" else Path(model_dir).name
+    if residual_scale is not None:
+        label = f"{label}-rs{residual_scale:g}"
     specs, notes = [], []
     for name in [e.strip() for e in engines.split(",") if e.strip()]:
         if name == "self-speculative":
@@ -260,6 +303,8 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
                 specs.append(EngineSpec(f"self-speculative k={k}", "ours", name, {"draft_tokens": k}))
         elif name in ENGINES:
             specs.append(EngineSpec(name, "ours", name))
+        elif name.startswith("speed+"):
+            specs.append(EngineSpec(name, "ours", "speed", speed_variant(name)))
         elif name == "hf-generate":
             specs.append(EngineSpec(name, "hf", "generate"))
         elif name == "hf-early-exit":
@@ -341,6 +386,12 @@ def _register_training_commands() -> None:
     cli.add_command(train_command, "train")
     cli.add_command(eval_command, "eval")
     cli.add_command(tokenizer_group, "tokenizer")
+
+    from .encdec.commands import eval_translation_command, train_translation_command, translate_command
+
+    cli.add_command(train_translation_command, "train-translation")
+    cli.add_command(translate_command, "translate")
+    cli.add_command(eval_translation_command, "eval-translation")
 
 
 _register_training_commands()

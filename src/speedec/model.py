@@ -171,6 +171,106 @@ class CachedSelfAttention:
         return out.view(G, Hkv, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(G, T, -1)
 
 
+@dataclass(frozen=True)
+class SpareRows:
+    """Rows that share a position with a pipeline slot: alternative guesses.
+
+    A spare row at position P and loop l attends over the cache of its virtual
+    layer at positions ``[0, P - 1]`` (written by tokens before it) and over
+    its own key, which must not go to the cache: the pipeline's own guess for
+    P owns that entry. Its keys and values go to side buffers
+    ``[capacity, K, L, n_kv, hd]`` instead, at index ``index[s]``; a spare
+    that turns out right is promoted by copying them into the cache
+    (:meth:`promote`).
+    """
+
+    # [S] long: loop of every spare at the start of the call; [S] long: its side-buffer index.
+    loops: torch.Tensor
+    index: torch.Tensor
+    # Keys read: max position (keys [0, P - 1] of each spare; P >= 1).
+    kv_len: int
+    # [S, 1, 1, kv_len] bool: key j < P of spare s.
+    mask: torch.Tensor
+    # [S, 1, 1, hd] rotary angles of the spares' positions.
+    cos: torch.Tensor
+    sin: torch.Tensor
+    side_keys: torch.Tensor
+    side_values: torch.Tensor
+
+    @staticmethod
+    def side_buffers(config: ModelConfig, capacity: int, *, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (capacity, config.n_unique_layers, config.n_loops, config.n_kv_heads, config.head_dim)
+        return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @classmethod
+    def build(cls, rope: torch.Tensor, positions: list[int], loops: list[int], index: list[int],
+              side: tuple[torch.Tensor, torch.Tensor]) -> SpareRows:
+        device = side[0].device
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        kv_len = int(max(positions))
+        table = rope[pos].to(side[0].dtype)  # [S, 2, hd]
+        mask = (torch.arange(kv_len, device=device)[None, :] < pos[:, None])[:, None, None, :]
+        return cls(loops=torch.tensor(loops, dtype=torch.long, device=device),
+                   index=torch.tensor(index, dtype=torch.long, device=device), kv_len=kv_len, mask=mask,
+                   cos=table[:, None, 0, None, :], sin=table[:, None, 1, None, :],
+                   side_keys=side[0], side_values=side[1])
+
+    @staticmethod
+    def promote(cache: KVCache, side: tuple[torch.Tensor, torch.Tensor], index: int, position: int,
+                loops_done: int) -> None:
+        """Copy spare ``index``'s keys/values of its first ``loops_done`` loops into the cache at ``position``."""
+        cache.keys[:, :loops_done, :, position] = side[0][index, :, :loops_done]
+        cache.values[:, :loops_done, :, position] = side[1][index, :, :loops_done]
+
+
+class SpareAttention:
+    """Self-attention of :class:`SpareRows` after ``shift`` passes of the call."""
+
+    def __init__(self, cache: KVCache, spares: SpareRows, shift: int) -> None:
+        self.cache, self.spares = cache, spares
+        self.loops = spares.loops + shift
+
+    def __call__(self, unique_layer: int, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
+        """``q [S, 1, H, hd]``, ``k, v [S, 1, Hkv, hd]`` -> ``[S, 1, H * hd]``."""
+        S, _, H, hd = q.shape
+        Hkv = k.shape[2]
+        sp = self.spares
+        sp.side_keys[sp.index, unique_layer, self.loops] = k[:, 0]
+        sp.side_values[sp.index, unique_layer, self.loops] = v[:, 0]
+        keys = self.cache.keys[unique_layer, self.loops, :, : sp.kv_len]  # [S, Hkv, P, hd] (a gather)
+        values = self.cache.values[unique_layer, self.loops, :, : sp.kv_len]
+        q = q.reshape(S, Hkv, H // Hkv, hd) * hd ** -0.5
+        scores = torch.matmul(q, keys.transpose(-1, -2)).masked_fill(~sp.mask, float("-inf"))
+        own = (q * k.reshape(S, Hkv, 1, hd)).sum(-1, keepdim=True)  # [S, Hkv, rep, 1]
+        probs = torch.softmax(torch.cat((scores, own), dim=-1), dim=-1)
+        out = torch.matmul(probs[..., :-1], values) + probs[..., -1:] * v.reshape(S, Hkv, 1, hd)
+        return out.reshape(S, 1, H * hd)
+
+
+def split_attention(main, spare, groups: int, unique_layer: int, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> torch.Tensor:
+    """The first ``groups`` rows through the cache's attention, the rest as spares."""
+    return torch.cat((main(unique_layer, q[:groups], k[:groups], v[:groups]),
+                      spare(unique_layer, q[groups:], k[groups:], v[groups:])))
+
+
+def step_rope(layout: StepLayout, spares: SpareRows | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary angles of a call's rows: the layout's, then the spares'."""
+    if spares is None:
+        return layout.cos, layout.sin
+    return torch.cat((layout.cos, spares.cos)), torch.cat((layout.sin, spares.sin))
+
+
+def step_attention(cache: KVCache, layout: StepLayout, shift: int, spares: SpareRows | None):
+    """Self-attention ``(unique_layer, q, k, v)`` of a call's rows after ``shift`` passes."""
+    attention = CachedSelfAttention(cache, layout, shift)
+    if spares is None:
+        return attention
+    return partial(split_attention, attention, SpareAttention(cache, spares, shift), layout.groups)
+
+
 class LoopedLayer(nn.Module):
     """One unique Llama-style layer: RMSNorm, GQA attention with RoPE, SwiGLU MLP.
 
@@ -341,14 +441,22 @@ class LoopedLM(LoopedModelBase):
         return step_layout(self.rope, positions, loops, rep=c.n_heads // c.n_kv_heads, dtype=self.dtype)
 
     def run_loops(self, x: torch.Tensor, layout: StepLayout, cache: KVCache,
-                  n_loops: int) -> torch.Tensor:
+                  n_loops: int, spares: SpareRows | None = None) -> torch.Tensor:
         """``n_loops`` passes over the K unique layers for rows ``x [G, T, D]``.
 
         Each row writes its key/value at (its virtual layer, its position) and
         attends over its own virtual layer's cache up to its own position.
+        With ``spares`` (T = 1 only), ``x`` holds G + S rows: the last S are
+        spare rows (see :class:`SpareRows`), in the same matmuls.
         """
+        cos, sin = step_rope(layout, spares)
         for shift in range(n_loops):
-            attention = CachedSelfAttention(cache, layout, shift)
+            attention = step_attention(cache, layout, shift, spares)
             for k_unique, layer in enumerate(self.layers):
-                x = layer(x, layout.cos, layout.sin, partial(attention, k_unique))
+                x = layer(x, cos, sin, partial(attention, k_unique))
         return x
+
+    def spare_rows(self, positions: list[int], loops: list[int], index: list[int],
+                   side: tuple[torch.Tensor, torch.Tensor]) -> SpareRows:
+        """Describe spare rows (see :class:`SpareRows`) for :meth:`run_loops`."""
+        return SpareRows.build(self.rope, positions, loops, index, side)

@@ -95,10 +95,27 @@ class Sampler:
         Returns (kept, token): the guess itself if kept, else a draw from the
         residual ``max(p - q, 0)``.
         """
-        u = torch.rand((), dtype=torch.float64, generator=self.generator, device=p.device)
-        if float(u) * float(q[draft]) < float(p[draft]):  # u < p/q without dividing
-            return True, draft
-        residual = (p - q).clamp_min(0.0)
-        if float(residual.sum()) <= 0.0:  # p == q: rejection has probability zero
-            return True, draft
-        return False, self.draw(residual / residual.sum())
+        index, token = self.accept_many(p, [(draft, q)])
+        return index is not None, token
+
+    def accept_many(self, p: torch.Tensor, drafts: list[tuple[int, torch.Tensor]]) -> tuple[int | None, int]:
+        """The rule for several guesses, each drawn independently from its own ``q``.
+
+        Guesses are tried in order: guess ``x`` from ``q`` is kept with
+        probability ``min(1, t(x) / q(x))`` where ``t`` is the target, ``p`` at
+        first; on rejection the target becomes ``normalize(max(t - q, 0))``
+        for the next guess, and after the last one the token is drawn from
+        the target. Each stage is the one-guess rule, so the token is
+        distributed as ``p``. Returns (index of the kept guess or None, token).
+        """
+        target = p
+        for index, (draft, q) in enumerate(drafts):
+            u = torch.rand((), dtype=torch.float64, generator=self.generator, device=p.device)
+            if float(u) * float(q[draft]) < float(target[draft]):  # u < t/q without dividing
+                return index, draft
+            residual = (target - q).clamp_min(0.0)
+            total = float(residual.sum())
+            if total <= 0.0:  # t == q: rejection has probability zero
+                return index, draft
+            target = residual / total
+        return None, self.draw(target)

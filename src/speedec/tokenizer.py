@@ -59,6 +59,10 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``encode`` of many texts at once (the library spreads them over threads)."""
+        return [enc.ids for enc in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int]) -> str:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -86,15 +90,27 @@ def load_tokenizer(model_dir: str | Path | None, vocab_size: int) -> Tokenizer:
 def train_bpe(files: Iterable[str | Path], out_path: str | Path, *, vocab_size: int = 8192,
               min_frequency: int = 2) -> BPETokenizer:
     """Train a byte-level BPE on text files and save it (atomically) as ``out_path``."""
+    files = [str(f) for f in files]
+    for f in files:
+        if not Path(f).is_file():
+            raise TokenizerError(f"training file {f} does not exist")
+    return _train(lambda tok, trainer: tok.train(files, trainer), out_path, vocab_size, min_frequency)
+
+
+def train_bpe_from_texts(texts: Iterable[str], out_path: str | Path, *, vocab_size: int = 8192,
+                         min_frequency: int = 2) -> BPETokenizer:
+    """Like :func:`train_bpe`, on an iterable of strings (e.g. both sides of a parallel corpus)."""
+    return _train(lambda tok, trainer: tok.train_from_iterator(texts, trainer), out_path, vocab_size,
+                  min_frequency)
+
+
+def _train(run_trainer, out_path: str | Path, vocab_size: int, min_frequency: int) -> BPETokenizer:
+    """Set up the byte-level BPE and its trainer, let ``run_trainer(tok, trainer)`` feed it, save it."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from .storage import atomic_write
 
-    files = [str(f) for f in files]
-    for f in files:
-        if not Path(f).is_file():
-            raise TokenizerError(f"training file {f} does not exist")
     if vocab_size < 257:
         raise TokenizerError(f"vocab_size must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
     tok = HFTokenizer(models.BPE())
@@ -105,7 +121,7 @@ def train_bpe(files: Iterable[str | Path], out_path: str | Path, *, vocab_size: 
                                   special_tokens=[EOS_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train(files, trainer)
+    run_trainer(tok, trainer)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, lambda tmp: tok.save(str(tmp)))

@@ -23,7 +23,7 @@ def format_table(report: BenchReport) -> str:
         + (f"; memory: copy {bw.copy_gbps:.1f} GB/s (r+w), sum {bw.sum_gbps:.1f} GB/s, "
            f"stream {bw.stream_gbps:.1f} GB/s; floor uses {bw.read_gbps:.1f} GB/s" if bw else ""),
     ]
-    cols = ["engine", "tok/s (median)", "min-max", "ms/tok", "speedup", "accept", "steps/tok",
+    cols = ["engine", "tok/s (median)", "min-max", "ms/tok", "speedup", "vs speed", "accept", "steps/tok",
             "in flight", "MB/tok", "floor ms", "x floor", "exact"]
     rows = []
     for s in report.engines:
@@ -31,6 +31,7 @@ def format_table(report: BenchReport) -> str:
             s.engine, _fmt(s.tokens_per_s, ".1f"),
             f"{s.tokens_per_s_min:.1f}-{s.tokens_per_s_max:.1f}", _fmt(s.ms_per_token, ".2f"),
             _fmt(s.speedup_vs_autoregressive, ".2f") + ("x" if s.speedup_vs_autoregressive else ""),
+            _fmt(s.speedup_vs_speed, ".2f") + ("x" if s.speedup_vs_speed else ""),
             _fmt(s.acceptance, ".3f"), _fmt(s.steps_per_token, ".2f"), _fmt(s.mean_in_flight, ".2f"),
             _fmt(s.bytes_per_token / 1e6 if s.bytes_per_token else None, ".0f"),
             _fmt(s.floor_ms_per_token, ".2f"), _fmt(s.ratio_to_floor, ".2f"),

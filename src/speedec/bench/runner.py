@@ -21,6 +21,8 @@ from ..model import LoopedLM
 from .memory import Bandwidth
 
 REFERENCE = "autoregressive"
+# Plain SPEED: the row the speculation options (early correction, adaptive) are compared with.
+SPEED = "speed"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class EngineSummary:
     ms_per_token: float
     # Median over repetitions of (this engine's tokens/s) / (autoregressive tokens/s) in the same repetition.
     speedup_vs_autoregressive: float | None
+    # The same paired median against plain ``speed`` (None when that row is absent).
+    speedup_vs_speed: float | None
     acceptance: float | None
     steps_per_token: float | None
     mean_in_flight: float | None
@@ -127,7 +131,8 @@ def _sum_stats(items: list[GenerationStats]) -> GenerationStats:
     rows = 0.0
     for s in items:
         for name in ("prompt_tokens", "new_tokens", "steps", "drafts_launched", "drafts_accepted",
-                     "drafts_rejected", "drafts_discarded", "flushes", "lm_head_calls"):
+                     "drafts_rejected", "drafts_discarded", "flushes", "corrections",
+                     "guesses_skipped", "spares_launched", "spare_hits", "lm_head_calls"):
             setattr(total, name, getattr(total, name) + getattr(s, name))
         for name in ("prefill_s", "decode_s", "wall_s"):
             setattr(total, name, getattr(total, name) + getattr(s, name))
@@ -192,13 +197,20 @@ def run_benchmark(model: LoopedLM, specs: list[EngineSpec], prompts: list[list[i
         engines=summaries, notes=[])
 
 
+def paired_ratios(records: list[RunRecord], label: str, baseline: str) -> list[float]:
+    """tokens/s of ``label`` over tokens/s of ``baseline``, repetition by repetition."""
+    base = {r.repeat: r.new_tokens / r.seconds for r in records if r.label == baseline}
+    return [(r.new_tokens / r.seconds) / base[r.repeat] for r in records
+            if r.label == label and r.repeat in base]
+
+
 def _summarise(spec: EngineSpec, records: list[RunRecord], model: LoopedLM, n_prompts: int,
                bandwidth: Bandwidth | None) -> EngineSummary:
     mine = [r for r in records if r.label == spec.label]
     ref = {r.repeat: r for r in records if r.label == REFERENCE}
     tps = [r.new_tokens / r.seconds for r in mine]
-    ratios = [(r.new_tokens / r.seconds) / (ref[r.repeat].new_tokens / ref[r.repeat].seconds)
-              for r in mine if r.repeat in ref]
+    ratios = paired_ratios(records, spec.label, REFERENCE)
+    over_speed = paired_ratios(records, spec.label, SPEED)
     median_tps = statistics.median(tps)
     stats = _sum_stats([r.stats for r in mine if r.stats is not None]) if mine[0].stats else None
     new_tokens = sum(r.new_tokens for r in mine)
@@ -212,6 +224,7 @@ def _summarise(spec: EngineSpec, records: list[RunRecord], model: LoopedLM, n_pr
         engine=spec.label, kind=spec.kind, tokens_per_s=median_tps, tokens_per_s_min=min(tps),
         tokens_per_s_max=max(tps), ms_per_token=ms,
         speedup_vs_autoregressive=statistics.median(ratios) if ratios else None,
+        speedup_vs_speed=statistics.median(over_speed) if over_speed else None,
         acceptance=stats.acceptance if stats else None,
         steps_per_token=(stats.steps / max(1, stats.new_tokens - n_prompts * len(mine))) if stats else None,
         mean_in_flight=stats.mean_in_flight if stats else None,

@@ -27,12 +27,15 @@ ENGLISH_PROMPTS = [
 ]
 
 
-def build_model(preset_name: str, *, seed: int = 0, model_dir: str | Path | None = None) -> LoopedLM:
-    """A preset's random-weight model, or a saved model when ``model_dir`` is given."""
+def build_model(preset_name: str, *, seed: int = 0, model_dir: str | Path | None = None,
+                residual_scale: float | None = None) -> LoopedLM:
+    """A preset's random-weight model (residual branches scaled by the preset's
+    scale unless ``residual_scale`` is given), or a saved model when ``model_dir`` is given."""
     if model_dir is not None:
         return LoopedLM.from_pretrained(model_dir)
-    return LoopedLM.random(preset(preset_name), seed=seed,
-                           residual_scale=PRESET_RESIDUAL_SCALE.get(preset_name, 1.0))
+    if residual_scale is None:
+        residual_scale = PRESET_RESIDUAL_SCALE.get(preset_name, 1.0)
+    return LoopedLM.random(preset(preset_name), seed=seed, residual_scale=residual_scale)
 
 
 def make_prompts(model: LoopedLM, model_dir: str | Path | None, *, count: int, length: int,

@@ -75,6 +75,9 @@ def _run(argv: list[str], cwd: Path, what: str) -> None:
 
 
 def _ensure_dir(path: Path) -> Path:
+    """Create `path` and return it absolute: the clients run with it as their
+    working directory, where a relative `-d` would nest a second copy."""
+    path = Path(path).absolute()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -93,7 +96,7 @@ def _single(matches: list[Path], what: str, work_dir: Path) -> Path | None:
 
 def pip_sdist(name: str, version: str, work_dir: Path) -> Artifact:
     """Download a PyPI source distribution (never install it)."""
-    _ensure_dir(work_dir)
+    work_dir = _ensure_dir(work_dir)
     what = f"PyPI {name}=={version}"
     pattern = f"{name}-{version}.*"
     path = _single(sorted(work_dir.glob(pattern)), what, work_dir)
@@ -124,7 +127,7 @@ def pip_sdist(name: str, version: str, work_dir: Path) -> Artifact:
 
 def debian_package(name: str, work_dir: Path) -> Artifact:
     """Download a Debian binary package with `apt-get download` (no install)."""
-    _ensure_dir(work_dir)
+    work_dir = _ensure_dir(work_dir)
     what = f"Debian package {name}"
     # Debian file names are NAME_VERSION_ARCH.deb; the underscore keeps
     # `fortunes` from matching `fortunes-min`.
@@ -164,7 +167,7 @@ def _deb_field(deb: Path, field: str) -> str:
 
 def npm_tarball(name: str, version: str, work_dir: Path) -> Artifact:
     """Download an npm package tarball with `npm pack` (no install)."""
-    _ensure_dir(work_dir)
+    work_dir = _ensure_dir(work_dir)
     what = f"npm {name}@{version}"
     path = work_dir / f"{name}-{version}.tgz"
     if not path.exists():
@@ -188,7 +191,7 @@ def extract_deb(artifact: Artifact, work_dir: Path) -> Path:
     dpkg_deb = require_client("dpkg-deb")
     if target.exists():
         shutil.rmtree(target)
-    _ensure_dir(target)
+    target = _ensure_dir(target)
     _run([dpkg_deb, "-x", str(artifact.path), str(target)], work_dir, f"unpacking {artifact.path.name}")
     marker.write_text(artifact.sha256, encoding="utf-8")
     return target

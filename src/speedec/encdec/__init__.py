@@ -4,11 +4,23 @@
 forward and the decoder's engine path), and ``translate_ids`` decodes one
 source sentence with the decoder-only engines (``autoregressive``, ``speed``,
 ``self-speculative``) after a single encoder pass.
+
+Around them: ``translate`` / ``load_translator`` (text in, text out with the
+model's shared tokenizer), ``TranslationConfig`` / ``train_translation``
+(the decoder-only training recipe on a parallel corpus, module ``trainer``),
+``evaluate_translation`` (BLEU and chrF with sacrebleu, engine speed and
+acceptance), ``data`` (corpus reading, joint tokenizer, cached tokens,
+length-bucketed batches) and ``commands`` (the CLI).
 """
 
 from .config import EncDecConfig
 from .engines import TRANSLATION_ENGINES, ConditionedDecoder, translate_ids
+from .evaluate import TranslationEval, evaluate_translation, validation_metrics
 from .model import EncDecLM, EncDecOutput, EncoderMemory
+from .train_config import TranslationConfig
+from .trainer import train_translation
+from .translate import Translation, load_translator, translate
 
 __all__ = ["TRANSLATION_ENGINES", "ConditionedDecoder", "EncDecConfig", "EncDecLM", "EncDecOutput",
-           "EncoderMemory", "translate_ids"]
+           "EncoderMemory", "Translation", "TranslationConfig", "TranslationEval", "evaluate_translation",
+           "load_translator", "train_translation", "translate", "translate_ids", "validation_metrics"]

@@ -31,7 +31,7 @@ from ..engines.base import Engine, GenerationResult, TokenCallback, prefill
 from ..engines.self_speculative import SelfSpeculativeEngine
 from ..engines.speed import SpeedEngine
 from ..errors import GenerationError
-from ..model import StepLayout
+from ..model import SpareRows, StepLayout
 from ..sampling import SamplingParams
 from .model import EncDecLM, EncoderMemory
 
@@ -71,8 +71,13 @@ class ConditionedDecoder:
     def layout(self, positions: Sequence[Sequence[int]], loops: Sequence[int]) -> StepLayout:
         return self.model.decoder_layout(positions, loops)
 
-    def run_loops(self, x: torch.Tensor, layout: StepLayout, cache: KVCache, n_loops: int) -> torch.Tensor:
-        return self.model.run_decoder_loops(x, layout, cache, self.memory, n_loops)
+    def run_loops(self, x: torch.Tensor, layout: StepLayout, cache: KVCache, n_loops: int,
+                  spares: SpareRows | None = None) -> torch.Tensor:
+        return self.model.run_decoder_loops(x, layout, cache, self.memory, n_loops, spares)
+
+    def spare_rows(self, positions: list[int], loops: list[int], index: list[int],
+                   side: tuple[torch.Tensor, torch.Tensor]) -> SpareRows:
+        return SpareRows.build(self.model.decoder_rope, positions, loops, index, side)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.head(x)

@@ -40,15 +40,17 @@ from torch import nn
 
 from ..cache import KVCache
 from ..model import (
-    CachedSelfAttention,
     LoopedLayer,
     LoopedModelBase,
     RMSNorm,
+    SpareRows,
     StepLayout,
     apply_rope,
     linear,
     rope_table,
+    step_attention,
     step_layout,
+    step_rope,
 )
 from .config import EncDecConfig
 
@@ -316,17 +318,20 @@ class EncDecLM(LoopedModelBase):
                            dtype=self.dtype)
 
     def run_decoder_loops(self, x: torch.Tensor, layout: StepLayout, cache: KVCache,
-                          memory: EncoderMemory, n_loops: int) -> torch.Tensor:
+                          memory: EncoderMemory, n_loops: int, spares: SpareRows | None = None) -> torch.Tensor:
         """``n_loops`` passes over the K unique decoder layers for rows ``x [G, T, D]``.
 
         Self-attention: each row writes its key/value at (its virtual layer, its
         position) and reads its own virtual layer's cache up to its position
         (strided views, no gather, when the loops are evenly spaced).
         Cross-attention: all G*T rows read unique layer k's memory together.
+        With ``spares`` (see :class:`speedec.model.SpareRows`) the last rows
+        of ``x`` are spare rows.
         """
+        cos, sin = step_rope(layout, spares)
         for shift in range(n_loops):
-            self_attention = CachedSelfAttention(cache, layout, shift)
+            self_attention = step_attention(cache, layout, shift, spares)
             for k_unique, layer in enumerate(self.decoder_layers):
-                x = layer(x, layout.cos, layout.sin, partial(self_attention, k_unique),
+                x = layer(x, cos, sin, partial(self_attention, k_unique),
                           partial(memory.attend, k_unique))
         return x

@@ -39,6 +39,15 @@ class GenerationStats:
     drafts_discarded: int = 0
     # Pipeline flushes.
     flushes: int = 0
+    # Guesses replaced before verification because a later loop predicted otherwise
+    # (speed with early_correction).
+    corrections: int = 0
+    # Guess opportunities the adaptive policy let pass (speed with adaptive).
+    guesses_skipped: int = 0
+    # Alternative candidates launched next to a guess, and those that held the
+    # verified token (speed with guesses > 1).
+    spares_launched: int = 0
+    spare_hits: int = 0
     # LM-head matmuls after prefill (each reads the vocabulary x d_model head once).
     lm_head_calls: int = 0
     # Mean rows (tokens in flight) per step.

@@ -6,7 +6,7 @@ Layout of ``out_dir/checkpoint/``::
     step-00001000/         the current checkpoint
         config.json, model.safetensors   (the model, as save_pretrained writes it)
         tokenizer.json
-        train_config.json                (the TrainConfig of the run)
+        train_config.json                (the config of the run)
         training_state.pt                (step, optimizer, RNG states)
 
 A save writes a complete new directory under a temporary name, fsyncs it,
@@ -34,7 +34,7 @@ import torch
 from ..errors import TrainingError
 from ..model import LoopedLM
 from ..storage import atomic_write, atomic_write_text
-from .config import TrainConfig
+from .config import RecipeConfig, TrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
 POINTER_FILE = "latest"
@@ -65,9 +65,10 @@ class TrainingState:
 class Checkpoint:
     # The checkpoint directory.
     path: Path
-    model: LoopedLM
+    # The model (a LoopedLM, or an EncDecLM for translation runs) and the run's config.
+    model: torch.nn.Module
     state: TrainingState
-    config: TrainConfig
+    config: RecipeConfig
 
 
 # ------------------------------------------------------------------ RNG
@@ -116,8 +117,8 @@ def write_training_state(directory: Path, state: TrainingState) -> None:
     atomic_write(directory / STATE_FILE, lambda tmp: torch.save(payload, tmp))
 
 
-def write_checkpoint_files(directory: Path, model: LoopedLM, state: TrainingState,
-                           config: TrainConfig, tokenizer_file: Path) -> None:
+def write_checkpoint_files(directory: Path, model: torch.nn.Module, state: TrainingState,
+                           config: RecipeConfig, tokenizer_file: Path) -> None:
     """All files of one checkpoint, each fsynced, into ``directory``."""
     model.save_pretrained(directory)
     atomic_write(directory / TOKENIZER_FILE, lambda tmp: shutil.copyfile(tokenizer_file, tmp))
@@ -140,9 +141,12 @@ def remove_stale(root: Path, keep: str | None) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def save_checkpoint(root: str | Path, model: LoopedLM, state: TrainingState, config: TrainConfig,
+def save_checkpoint(root: str | Path, model: torch.nn.Module, state: TrainingState, config: RecipeConfig,
                     tokenizer_file: str | Path) -> Path:
-    """Write checkpoint ``step-N`` under ``root`` and make it the latest; returns its path."""
+    """Write checkpoint ``step-N`` under ``root`` and make it the latest; returns its path.
+
+    ``model`` is any model with ``save_pretrained`` (decoder-only or encoder-decoder).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"{_STEP_PREFIX}{state.step:08d}"
@@ -177,12 +181,18 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint directory written by :func:`save_checkpoint`."""
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", model_cls: type = LoopedLM,
+                    config_cls: type = TrainConfig) -> Checkpoint:
+    """Read a checkpoint directory written by :func:`save_checkpoint`.
+
+    ``model_cls`` (with ``from_pretrained``) and ``config_cls`` (with
+    ``from_dict``) are the kinds of model and run config it holds; the
+    defaults are the decoder-only ones.
+    """
     path = Path(path)
     try:
-        model = LoopedLM.from_pretrained(path, device=device)
-        config = TrainConfig.from_dict(json.loads((path / TRAIN_CONFIG_FILE).read_text(encoding="utf-8")))
+        model = model_cls.from_pretrained(path, device=device)
+        config = config_cls.from_dict(json.loads((path / TRAIN_CONFIG_FILE).read_text(encoding="utf-8")))
         payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except TrainingError as exc:
         raise TrainingError(f"checkpoint {path}: {exc}") from None

@@ -1,5 +1,9 @@
 """Command-line front ends of training: ``train``, ``eval`` and ``tokenizer train``.
 
+``run_options``, ``config_overrides`` and ``summary_line`` are shared with
+the translation commands (:mod:`speedec.encdec.commands`); ``tokenizer train
+--parallel`` trains the joint tokenizer of a parallel corpus.
+
 Thin wrappers over :func:`~speedec.training.train`,
 :func:`~speedec.training.evaluate_model` and
 :func:`~speedec.tokenizer.train_bpe`. Bad input raises a
@@ -42,32 +46,39 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-@click.command("train")
-@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False),
-              help="Training config (JSON; see configs/train/).")
-@click.option("--resume", is_flag=True, help="Continue the run saved in the output directory.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              help="Output directory (overrides the config's out_dir).")
-@click.option("--max-steps", type=int, help="Run length in steps (replaces the config's budget).")
-@click.option("--max-tokens", type=int, help="Run length in tokens (replaces the config's budget).")
-@click.option("--threads", type=int, help="CPU threads per process.")
-@click.option("--seed", type=int)
-@click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--batch-size", type=int, help="Global sequences per optimizer step.")
-@click.option("--grad-accum", type=int, help="Micro-batches per process and step.")
-@click.option("--log-every", type=int)
-@click.option("--eval-every", type=int)
-@click.option("--save-every", type=int)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--set", "settings", multiple=True, metavar="FIELD=VALUE",
-              help="Override any config field (VALUE is JSON, or a string). Repeatable.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_command(config_file, resume, settings, no_progress, **options) -> None:
-    """Train a looped model with the early-exit loss (use torchrun for data parallelism)."""
-    from .config import TrainConfig
-    from .distributed import launched_rank
-    from .trainer import train
+def run_options(config_help: str, batch_help: str):
+    """The options every training command shares (config, resume, overrides, progress)."""
+    options = [
+        click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False),
+                     help=config_help),
+        click.option("--resume", is_flag=True, help="Continue the run saved in the output directory."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False),
+                     help="Output directory (overrides the config's out_dir)."),
+        click.option("--max-steps", type=int, help="Run length in steps (replaces the config's budget)."),
+        click.option("--max-tokens", type=int, help="Run length in tokens (replaces the config's budget)."),
+        click.option("--threads", type=int, help="CPU threads per process."),
+        click.option("--seed", type=int),
+        click.option("--lr", type=float, help="Peak learning rate."),
+        click.option("--batch-size", type=int, help=batch_help),
+        click.option("--log-every", type=int),
+        click.option("--eval-every", type=int),
+        click.option("--save-every", type=int),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--set", "settings", multiple=True, metavar="FIELD=VALUE",
+                     help="Override any config field (VALUE is JSON, or a string). Repeatable."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]
 
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def config_overrides(settings: tuple[str, ...], options: dict[str, Any]) -> dict[str, Any]:
+    """Config fields replaced on the command line: ``--set`` pairs, then the named options."""
     overrides = parse_settings(settings)
     overrides.update({name: value for name, value in options.items()
                       if name in _OVERRIDES and value is not None})
@@ -76,10 +87,11 @@ def train_command(config_file, resume, settings, no_progress, **options) -> None
         overrides.setdefault("max_tokens", None)
     if options.get("max_tokens") is not None:
         overrides.setdefault("max_steps", None)
-    config = TrainConfig.from_file(config_file, overrides)
-    summary = train(config, resume=resume, progress=not no_progress)
-    if launched_rank() != 0:
-        return  # under torchrun only the main process reports
+    return overrides
+
+
+def summary_line(summary) -> str:
+    """One line about a finished run (a :class:`~speedec.training.TrainSummary`)."""
     line = (f"trained {summary.steps} steps ({summary.tokens:,} tokens"
             + (f", {summary.tokens_per_s:.0f} tokens/s" if summary.tokens_per_s else "") + ")")
     if summary.eval is not None:
@@ -87,7 +99,23 @@ def train_command(config_file, resume, settings, no_progress, **options) -> None
         line += f"; validation loss {ev['loss']:.4f} (ppl {ev['ppl']:.1f})"
         if ev["exit_agreement"] is not None:
             line += f", exit agreement {ev['exit_agreement']:.3f}"
-    click.echo(f"{line}; model in {summary.model_dir}")
+    return f"{line}; model in {summary.model_dir}"
+
+
+@click.command("train")
+@run_options("Training config (JSON; see configs/train/).", "Global sequences per optimizer step.")
+@click.option("--grad-accum", type=int, help="Micro-batches per process and step.")
+def train_command(config_file, resume, settings, no_progress, **options) -> None:
+    """Train a looped model with the early-exit loss (use torchrun for data parallelism)."""
+    from .config import TrainConfig
+    from .distributed import launched_rank
+    from .trainer import train
+
+    config = TrainConfig.from_file(config_file, config_overrides(settings, options))
+    summary = train(config, resume=resume, progress=not no_progress)
+    if launched_rank() != 0:
+        return  # under torchrun only the main process reports
+    click.echo(summary_line(summary))
 
 
 @click.command("eval")
@@ -141,18 +169,28 @@ def tokenizer_group() -> None:
 
 
 @tokenizer_group.command("train")
-@click.option("--input", "inputs", multiple=True, required=True, type=click.Path(dir_okay=False),
+@click.option("--input", "inputs", multiple=True, type=click.Path(dir_okay=False),
               help="Training text file (repeatable).")
+@click.option("--parallel", "parallel", type=click.Path(),
+              help="Instead of --input: a parallel corpus (directory or JSONL file); one tokenizer "
+                   "for both languages, trained on the source and target sides of its train split.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="tokenizer.json to write.")
 @click.option("--vocab-size", default=8192, show_default=True, type=int)
 @click.option("--min-frequency", default=2, show_default=True, type=int,
               help="Minimum count of a pair to be merged.")
-def tokenizer_train(inputs, out, vocab_size, min_frequency) -> None:
-    """Train a byte-level BPE (with an end-of-text token) on text files."""
+def tokenizer_train(inputs, parallel, out, vocab_size, min_frequency) -> None:
+    """Train a byte-level BPE (with an end-of-text token) on text files or a parallel corpus."""
     from ..tokenizer import train_bpe
 
+    if bool(inputs) == (parallel is not None):
+        raise click.UsageError("give either --input files or --parallel CORPUS")
     if min_frequency < 1:
         raise click.UsageError(f"--min-frequency must be >= 1, got {min_frequency}")
-    tokenizer = train_bpe([Path(p) for p in inputs], out, vocab_size=vocab_size,
-                          min_frequency=min_frequency)
+    if parallel is not None:
+        from ..encdec.data import train_joint_tokenizer
+
+        tokenizer = train_joint_tokenizer(parallel, out, vocab_size=vocab_size, min_frequency=min_frequency)
+    else:
+        tokenizer = train_bpe([Path(p) for p in inputs], out, vocab_size=vocab_size,
+                              min_frequency=min_frequency)
     click.echo(f"wrote {out} ({tokenizer.vocab_size} tokens)")

@@ -1,5 +1,10 @@
 """TrainConfig: a frozen, validated description of one training run.
 
+:class:`RecipeConfig` holds what every kind of run shares (optimiser,
+schedule, budget, loss weights, observation) and its JSON round trip;
+:class:`TrainConfig` adds a decoder-only model and its text files, and
+:class:`speedec.encdec.TranslationConfig` a translator and a parallel corpus.
+
 A run is fully determined by its config: the model (a shape, a preset or an
 existing model directory to continue from), the data files, the optimiser
 and schedule, and the seed. Runtime-only fields (where to log, how often to
@@ -23,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..config import ModelConfig, preset
 from ..errors import ConfigError, TrainingError
@@ -36,27 +41,28 @@ RUNTIME_FIELDS = frozenset({"out_dir", "eval_every", "eval_batches", "log_every"
 DEVICES = ("auto", "cpu", "cuda")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    # Tokenizer (tokenizer.json) used to encode the text files; it is copied
-    # into the final model directory.
+@dataclass(frozen=True, kw_only=True)
+class RecipeConfig:
+    """The training recipe every kind of run shares: optimiser, schedule, budget,
+    early-exit loss weights, observation and runtime fields, their validation and
+    their JSON round trip.
+
+    Subclasses add the model and the data (:class:`TrainConfig` for decoder-only
+    models, :class:`speedec.encdec.TranslationConfig` for translation), name the
+    class of their ``model`` field in ``MODEL_CLASS`` and extend
+    ``__post_init__``.
+    """
+
+    # The class of the ``model`` field (parsed from a JSON object by from_dict).
+    MODEL_CLASS: ClassVar[type] = ModelConfig
+
+    # Tokenizer (tokenizer.json) used to encode the data; it is copied into the
+    # final model directory.
     tokenizer: str
-    # Plain UTF-8 text of the training and validation splits.
-    train_file: str
-    val_file: str
     # Run directory: metrics.jsonl, checkpoint/, and model/ at the end.
     out_dir: str
-    # Where the model comes from: exactly one of a shape (random init), a
-    # named preset (random init), or a saved model directory (its weights).
-    model: ModelConfig | None = None
-    preset: str | None = None
-    init_from: str | None = None
-    # Tokens per training sequence (the window is seq_len + 1 tokens long).
-    seq_len: int = 256
-    # Global sequences per optimizer step (all ranks and micro-batches).
+    # Global examples per optimizer step (sequences, or sentence pairs).
     batch_size: int = 16
-    # Micro-batches per rank and step (gradients accumulated over them).
-    grad_accum: int = 1
     # Peak and final learning rate; linear warmup then cosine decay.
     lr: float = 2e-3
     min_lr: float = 2e-4
@@ -91,22 +97,9 @@ class TrainConfig:
     description: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("tokenizer", "train_file", "val_file", "out_dir"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise TrainingError(f"{name} must be a non-empty path, got {value!r}")
-        sources = [name for name in ("model", "preset", "init_from") if getattr(self, name) is not None]
-        if len(sources) != 1:
-            raise TrainingError("give exactly one of model (a shape), preset or init_from, got "
-                                + (", ".join(sources) if sources else "none"))
-        if self.model is not None and not isinstance(self.model, ModelConfig):
-            raise TrainingError(f"model must be a ModelConfig, got {type(self.model).__name__}")
-        for name in ("preset", "init_from"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise TrainingError(f"{name} must be a non-empty string, got {value!r}")
-        for name in ("seq_len", "batch_size", "grad_accum", "log_every", "eval_every",
-                     "eval_batches", "save_every"):
+        for name in ("tokenizer", "out_dir"):
+            check_path(name, getattr(self, name))
+        for name in ("batch_size", "log_every", "eval_every", "eval_batches", "save_every"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
@@ -118,9 +111,6 @@ class TrainConfig:
             _check_int("max_tokens", self.max_tokens, minimum=1)
         if self.threads is not None:
             _check_int("threads", self.threads, minimum=1)
-        if self.batch_size % self.grad_accum:
-            raise TrainingError(f"batch_size ({self.batch_size}) must be divisible by "
-                                f"grad_accum ({self.grad_accum})")
         for name in ("lr", "init_std"):
             _check_number(name, getattr(self, name), positive=True)
         for name in ("min_lr", "weight_decay", "exit_weight", "all_loops_weight"):
@@ -134,13 +124,114 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be in [0, 1), got {value}")
         if self.grad_clip is not None:
             _check_number("grad_clip", self.grad_clip, positive=True)
-        if self.warmup_steps >= self.total_steps:
-            raise TrainingError(f"warmup_steps ({self.warmup_steps}) must be smaller than the "
-                                f"number of steps ({self.total_steps})")
         if self.device not in DEVICES:
             raise TrainingError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not isinstance(self.description, str):
             raise TrainingError(f"description must be a string, got {self.description!r}")
+
+    def check_warmup(self, total_steps: int) -> None:
+        """Warmup must end before the run does."""
+        if self.warmup_steps >= total_steps:
+            raise TrainingError(f"warmup_steps ({self.warmup_steps}) must be smaller than the "
+                                f"number of steps ({total_steps})")
+
+    def check_loss_weights(self, model_config) -> None:
+        """The loss terms must exist in ``model_config`` (an early exit, several loops)."""
+        if self.exit_weight > 0 and model_config.exit_loop is None:
+            raise TrainingError("exit_weight > 0 needs a model with an early exit "
+                                "(this one has exit_loop null); set exit_weight to 0")
+        if self.all_loops_weight > 0 and model_config.n_loops == 1:
+            raise TrainingError("all_loops_weight > 0 needs n_loops > 1; set it to 0")
+
+    # ------------------------------------------------------- (de)serialise
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (validated again)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if data.get("model") is not None:
+            data["model"] = data["model"].to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any):
+        if not isinstance(data, dict):
+            raise TrainingError(f"a training config must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise TrainingError(f"unknown training config field(s): {', '.join(unknown)}")
+        required = sorted(f.name for f in fields(cls) if f.default is dataclasses.MISSING)
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise TrainingError(f"missing training config field(s): {', '.join(missing)}")
+        data = dict(data)
+        if isinstance(data.get("model"), dict):
+            try:
+                data["model"] = cls.MODEL_CLASS.from_dict(data["model"])
+            except ConfigError as exc:
+                raise TrainingError(f"model: {exc}") from None
+        try:
+            return cls(**data)
+        except ConfigError as exc:  # e.g. a preset's own validation
+            raise TrainingError(str(exc)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None):
+        """Load a JSON config; ``overrides`` (e.g. from the command line) replace its fields."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TrainingError(f"training config {path} does not exist") from None
+        except OSError as exc:
+            raise TrainingError(f"cannot read training config {path}: {exc.strerror or exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TrainingError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise TrainingError(f"{path}: a training config must be a JSON object")
+        data.update(overrides or {})
+        try:
+            return cls.from_dict(data)
+        except TrainingError as exc:
+            raise TrainingError(f"{path}: {exc}") from None
+
+    def differences(self, other: RecipeConfig) -> list[str]:
+        """Names of the non-runtime fields whose values differ (why a resume is refused)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(name for name in mine if name not in RUNTIME_FIELDS and mine[name] != theirs.get(name))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(RecipeConfig):
+    """A decoder-only run: a looped decoder trained on windows of running text."""
+
+    # Plain UTF-8 text of the training and validation splits.
+    train_file: str
+    val_file: str
+    # Where the model comes from: exactly one of a shape (random init), a
+    # named preset (random init), or a saved model directory (its weights).
+    model: ModelConfig | None = None
+    preset: str | None = None
+    init_from: str | None = None
+    # Tokens per training sequence (the window is seq_len + 1 tokens long).
+    seq_len: int = 256
+    # Micro-batches per rank and step (gradients accumulated over them);
+    # batch_size counts sequences, summed over ranks and micro-batches.
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("train_file", "val_file"):
+            check_path(name, getattr(self, name))
+        check_model_sources(self, ("model", "preset", "init_from"), ModelConfig)
+        for name in ("seq_len", "grad_accum"):
+            _check_int(name, getattr(self, name), minimum=1)
+        if self.batch_size % self.grad_accum:
+            raise TrainingError(f"batch_size ({self.batch_size}) must be divisible by "
+                                f"grad_accum ({self.grad_accum})")
+        self.check_warmup(self.total_steps)
 
     # ------------------------------------------------------------ derived
     @property
@@ -173,71 +264,30 @@ class TrainConfig:
         if self.seq_len > config.max_seq_len:
             raise TrainingError(f"seq_len ({self.seq_len}) exceeds the model's max_seq_len "
                                 f"({config.max_seq_len})")
-        if self.exit_weight > 0 and not config.has_early_exit:
-            raise TrainingError("exit_weight > 0 needs a model with an early exit "
-                                "(this one has exit_loop null); set exit_weight to 0")
-        if self.all_loops_weight > 0 and config.n_loops == 1:
-            raise TrainingError("all_loops_weight > 0 needs n_loops > 1; set it to 0")
+        self.check_loss_weights(config)
         return config
 
-    # ------------------------------------------------------- (de)serialise
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with some fields changed (validated again)."""
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
 
-    def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.model is not None:
-            data["model"] = self.model.to_dict()
-        return data
+def check_path(name: str, value: Any) -> None:
+    """A config field that names a file or directory must be a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise TrainingError(f"{name} must be a non-empty path, got {value!r}")
 
-    @classmethod
-    def from_dict(cls, data: Any) -> TrainConfig:
-        if not isinstance(data, dict):
-            raise TrainingError(f"a training config must be a JSON object, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise TrainingError(f"unknown training config field(s): {', '.join(unknown)}")
-        required = sorted(f.name for f in fields(cls) if f.default is dataclasses.MISSING)
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise TrainingError(f"missing training config field(s): {', '.join(missing)}")
-        data = dict(data)
-        if isinstance(data.get("model"), dict):
-            try:
-                data["model"] = ModelConfig.from_dict(data["model"])
-            except ConfigError as exc:
-                raise TrainingError(f"model: {exc}") from None
-        try:
-            return cls(**data)
-        except ConfigError as exc:  # e.g. a preset's own validation
-            raise TrainingError(str(exc)) from None
 
-    @classmethod
-    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        """Load a JSON config; ``overrides`` (e.g. from the command line) replace its fields."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TrainingError(f"training config {path} does not exist") from None
-        except OSError as exc:
-            raise TrainingError(f"cannot read training config {path}: {exc.strerror or exc}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TrainingError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise TrainingError(f"{path}: a training config must be a JSON object")
-        data.update(overrides or {})
-        try:
-            return cls.from_dict(data)
-        except TrainingError as exc:
-            raise TrainingError(f"{path}: {exc}") from None
-
-    def differences(self, other: TrainConfig) -> list[str]:
-        """Names of the non-runtime fields whose values differ (why a resume is refused)."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return sorted(name for name in mine if name not in RUNTIME_FIELDS and mine[name] != theirs[name])
+def check_model_sources(config: RecipeConfig, names: tuple[str, ...], model_class: type) -> None:
+    """Exactly one of the model sources ``names`` is set; a shape has the right class."""
+    sources = [name for name in names if getattr(config, name) is not None]
+    if len(sources) != 1:
+        choices = [f"{names[0]} (a shape)", *names[1:]]
+        raise TrainingError(f"give exactly one of {', '.join(choices[:-1])} or {choices[-1]}, got "
+                            + (", ".join(sources) if sources else "none"))
+    model = getattr(config, "model", None)
+    if model is not None and not isinstance(model, model_class):
+        raise TrainingError(f"model must be a {model_class.__name__}, got {type(model).__name__}")
+    for name in names:
+        value = getattr(config, name)
+        if name != "model" and value is not None and (not isinstance(value, str) or not value):
+            raise TrainingError(f"{name} must be a non-empty string, got {value!r}")
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

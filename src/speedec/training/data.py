@@ -69,10 +69,11 @@ def encode_text(text: str, tokenizer: Tokenizer, chunk_chars: int = CHUNK_CHARS)
     return np.concatenate([np.asarray(piece, dtype=dtype) for piece in pieces])
 
 
-def cache_path(text_file: Path, tokenizer_file: Path) -> Path:
-    """Where the tokens of ``text_file`` under ``tokenizer_file`` are cached."""
+def cache_path(text_file: Path, tokenizer_file: Path, suffix: str = ".npy") -> Path:
+    """Where the tokens of ``text_file`` under ``tokenizer_file`` are cached (a name that
+    changes with either file's content)."""
     key = f"{file_digest(tokenizer_file)[:12]}-{file_digest(text_file)[:12]}"
-    return text_file.with_name(f"{text_file.name}.tokens-{key}.npy")
+    return text_file.with_name(f"{text_file.name}.tokens-{key}{suffix}")
 
 
 def load_tokens(text_file: str | Path, tokenizer: Tokenizer, *, cache: bool = True) -> np.ndarray:

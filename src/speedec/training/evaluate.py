@@ -26,6 +26,7 @@ from ..model import LoopedLM
 from ..tokenizer import Tokenizer
 from .data import check_tokens, evaluation_windows, load_tokens
 from .distributed import Distributed, autocast
+from .loss import IGNORE_INDEX
 
 
 @torch.no_grad()
@@ -40,8 +41,7 @@ def loop_metrics(model: LoopedLM, windows: torch.Tensor, *, batch_size: int,
     device = model.device
     if dist is not None and dist.enabled:
         windows = windows[dist.rank::dist.world_size]
-    # Per loop 1..L: summed cross-entropy, then agreement count; last: token count.
-    sums = torch.zeros(2 * L + 1, dtype=torch.float64, device=device)
+    sums = new_loop_sums(L, device)
     was_training = model.training
     model.eval()
     for batch in windows.split(batch_size):
@@ -49,23 +49,43 @@ def loop_metrics(model: LoopedLM, windows: torch.Tensor, *, batch_size: int,
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with autocast(device):
             out = model(inputs, output_loops=tuple(range(1, L)))
-        final_argmax = out.logits.argmax(-1)  # [B, T]
-        for loop in range(1, L + 1):
-            logits = out.logits if loop == L else out.loop_logits[loop]
-            sums[loop - 1] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),  # [B*T, V]
-                                              targets.reshape(-1), reduction="sum").double()
-            sums[L + loop - 1] += (logits.argmax(-1) == final_argmax).sum()
-        sums[2 * L] += targets.numel()
+        add_loop_sums(sums, out, targets, L)
     model.train(was_training)
     if dist is not None:
         dist.all_reduce_sum(sums)
+    return summarize_loop_sums(sums, L, model.config.exit_loop)
+
+
+def new_loop_sums(n_loops: int, device: torch.device) -> torch.Tensor:
+    """Zeroed accumulators for :func:`add_loop_sums`: per loop 1..L the summed
+    cross-entropy, then per loop the agreement count, last the token count."""
+    return torch.zeros(2 * n_loops + 1, dtype=torch.float64, device=device)
+
+
+def add_loop_sums(sums: torch.Tensor, out, targets: torch.Tensor, n_loops: int) -> None:
+    """Add one batch to ``sums``: ``out`` holds the final logits and those of loops
+    1..L-1 (``[B, T, V]`` each); targets equal to ``IGNORE_INDEX`` (padding) count nowhere."""
+    L = n_loops
+    mask = targets != IGNORE_INDEX  # [B, T]
+    final_argmax = out.logits.argmax(-1)  # [B, T]
+    for loop in range(1, L + 1):
+        logits = out.logits if loop == L else out.loop_logits[loop]
+        sums[loop - 1] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),  # [B*T, V]
+                                          targets.reshape(-1), reduction="sum",
+                                          ignore_index=IGNORE_INDEX).double()
+        sums[L + loop - 1] += ((logits.argmax(-1) == final_argmax) & mask).sum()
+    sums[2 * L] += mask.sum()
+
+
+def summarize_loop_sums(sums: torch.Tensor, n_loops: int, exit_loop: int | None) -> dict:
+    """Loss, perplexity and agreement with the final argmax per loop, from :func:`add_loop_sums`."""
+    L = n_loops
     values = sums.tolist()  # deliberate host sync: once per evaluation
     count = values[2 * L]
     if count == 0:
         raise TrainingError("no validation windows to evaluate")
     losses = [v / count for v in values[:L]]
     agreement = [v / count for v in values[L:2 * L]]
-    exit_loop = model.config.exit_loop
     return {
         "tokens": int(count),
         "loss": losses[-1],

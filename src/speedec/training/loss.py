@@ -8,6 +8,12 @@ prediction, so the exit is trained to predict the next token as well:
 
 The optional last term trains every intermediate readout (a depth-study
 knob); the exit loop is one of them and is computed only once.
+
+Targets equal to ``IGNORE_INDEX`` (padding of translation batches) are left
+out of every term: each cross-entropy is the mean over the other targets.
+The model only needs ``logits`` and ``loop_logits`` (a decoder-only
+``LoopedOutput`` or an encoder-decoder ``EncDecOutput``) and a config with
+``exit_loop`` and ``n_loops``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..model import LoopedOutput
+
+# Target id that marks a position without a target (padding): no loss there.
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -52,9 +61,10 @@ def loss_loops(config: ModelConfig, weights: LossWeights) -> tuple[int, ...]:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``logits [B, T, V]`` against ``targets [B, T]`` (in float32)."""
+    """Mean next-token cross-entropy of ``logits [B, T, V]`` against ``targets [B, T]`` (in float32),
+    over the targets that are not ``IGNORE_INDEX``."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),  # [B*T, V]
-                           targets.reshape(-1))
+                           targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def looped_loss(output: LoopedOutput, targets: torch.Tensor, config: ModelConfig,

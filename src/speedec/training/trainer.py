@@ -16,6 +16,11 @@ calls (loss averages, evaluation sums) happen at the same steps everywhere.
 Because the data, the schedule and the RNG states are all functions of the
 step or stored in the checkpoint, a resumed run continues bit-for-bit where
 the saved one stopped.
+
+The loop itself (:func:`run_training`) and its helpers (optimizer, schedule,
+update, logging, checkpoints, final model) work on any :class:`RunCore`;
+translation training (:mod:`speedec.encdec.trainer`) reuses them with its own
+step and evaluation functions.
 """
 
 from __future__ import annotations
@@ -48,11 +53,11 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import RecipeConfig, TrainConfig
 from .data import check_tokens, evaluation_windows, load_tokens, training_batch
 from .distributed import Distributed, autocast, setup_distributed
 from .evaluate import loop_metrics
-from .loss import LossWeights, looped_loss, loss_loops
+from .loss import LoopedLoss, LossWeights, looped_loss, loss_loops
 from .schedule import CosineSchedule
 
 METRICS_FILE = "metrics.jsonl"
@@ -108,31 +113,44 @@ class MetricsLog:
 
 
 @dataclass
-class Run:
-    """Everything a training loop works with, set up once."""
+class RunCore:
+    """What the shared loop (:func:`run_training`), checkpointing and logging use of a run.
 
-    config: TrainConfig
+    Each kind of run (decoder-only here, translation in :mod:`speedec.encdec.trainer`)
+    extends it with its data and supplies its own step and evaluation functions.
+    """
+
+    config: RecipeConfig
     dist: Distributed
-    # The bare model (saved, evaluated) and the module that trains it (DDP or the same model).
-    model: LoopedLM
-    net: torch.nn.Module
+    # The bare model (saved, evaluated): anything with save_pretrained.
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     schedule: CosineSchedule
     weights: LossWeights
     # Loops whose logits the loss reads.
     output_loops: tuple[int, ...]
-    train_tokens: np.ndarray
-    # [N, seq_len + 1] fixed validation windows.
-    val_windows: torch.Tensor
     tokenizer_file: Path
     out_dir: Path
     metrics: MetricsLog
+    # Optimizer steps of the whole run.
+    total_steps: int
     # Where this session starts: steps done, tokens seen and seconds trained so far
     # (all 0 for a fresh run, the checkpoint's values when resuming).
     start_step: int
     start_tokens: int
     start_elapsed_s: float
     resumed_from: int | None
+
+
+@dataclass
+class Run(RunCore):
+    """A decoder-only run: everything its training loop works with, set up once."""
+
+    # The module that trains the model (DDP, or the model itself).
+    net: torch.nn.Module
+    train_tokens: np.ndarray
+    # [N, seq_len + 1] fixed validation windows.
+    val_windows: torch.Tensor
 
 
 # ------------------------------------------------------------------ setup
@@ -156,7 +174,7 @@ def load_split(path: str, tokenizer: BPETokenizer, dist: Distributed, seq_len: i
     return tokens
 
 
-def build_optimizer(model: LoopedLM, config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, config: RecipeConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: decaying norm gains toward 0 only hurts."""
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]
@@ -165,8 +183,10 @@ def build_optimizer(model: LoopedLM, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
-def resume_point(config: TrainConfig, root: Path, resume: bool, device: torch.device) -> Checkpoint | None:
-    """The checkpoint to continue from, after checking it belongs to this config."""
+def resume_point(config: RecipeConfig, root: Path, resume: bool, device: torch.device, *,
+                 model_cls: type = LoopedLM) -> Checkpoint | None:
+    """The checkpoint to continue from, after checking it belongs to this config
+    (``model_cls``: the kind of model the run trains)."""
     path = latest_checkpoint(root)
     if not resume:
         if path is not None:
@@ -175,7 +195,7 @@ def resume_point(config: TrainConfig, root: Path, resume: bool, device: torch.de
         return None
     if path is None:
         raise TrainingError(f"nothing to resume: {root} holds no checkpoint")
-    checkpoint = load_checkpoint(path, device=device)
+    checkpoint = load_checkpoint(path, device=device, model_cls=model_cls, config_cls=type(config))
     differing = checkpoint.config.differences(config)
     if differing:
         raise TrainingError(f"cannot resume {path}: the config differs in {', '.join(differing)}")
@@ -202,54 +222,75 @@ def setup_run(config: TrainConfig, dist: Distributed, resume: bool) -> Run:
     val_tokens = load_split(config.val_file, tokenizer, dist, config.seq_len)
     val_windows = evaluation_windows(val_tokens, config.seq_len, config.eval_batches * config.batch_size)
 
-    torch.manual_seed(config.seed)
-    if checkpoint is not None:
-        model = checkpoint.model
-    elif config.init_from is not None:
-        try:
-            model = LoopedLM.from_pretrained(config.init_from)
-        except ModelLoadError as exc:
-            raise TrainingError(f"init_from: {exc}") from None
-    else:
-        model = LoopedLM.random(model_config, seed=config.seed, std=config.init_std)
-    model = model.to(device=dist.device, dtype=torch.float32).train()
+    model = initial_model(config, checkpoint, LoopedLM, model_config, dist.device)
     optimizer = build_optimizer(model, config)
-    start_step, start_tokens, start_elapsed_s = 0, 0, 0.0
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint.state.optimizer)
-        restore_rng(checkpoint.state.rng)
-        start_step = checkpoint.state.step
-        start_tokens = checkpoint.state.tokens_seen
-        start_elapsed_s = checkpoint.state.elapsed_s
+    start_step, start_tokens, start_elapsed_s = restore_state(checkpoint, optimizer)
     if dist.enabled:
         net = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
     else:
         net = model
 
     weights = LossWeights(exit_weight=config.exit_weight, all_loops_weight=config.all_loops_weight)
+    metrics = open_output(config, dist, start_step)
+    return Run(config=config, dist=dist, model=model, net=net, optimizer=optimizer,
+               schedule=schedule_of(config, config.total_steps),
+               weights=weights, output_loops=loss_loops(model.config, weights),
+               train_tokens=train_tokens, val_windows=val_windows, tokenizer_file=tokenizer_file,
+               out_dir=out_dir, metrics=metrics, total_steps=config.total_steps,
+               start_step=start_step, start_tokens=start_tokens, start_elapsed_s=start_elapsed_s,
+               resumed_from=start_step if checkpoint is not None else None)
+
+
+def initial_model(config: RecipeConfig, checkpoint: Checkpoint | None, model_cls: type, model_config,
+                  device: torch.device) -> torch.nn.Module:
+    """The model a run starts from: the checkpoint's, the saved one ``config.init_from`` names,
+    or a random ``model_cls`` of shape ``model_config``; float32, on ``device``, in train mode."""
+    torch.manual_seed(config.seed)
+    if checkpoint is not None:
+        model = checkpoint.model
+    elif config.init_from is not None:
+        try:
+            model = model_cls.from_pretrained(config.init_from)
+        except ModelLoadError as exc:
+            raise TrainingError(f"init_from: {exc}") from None
+    else:
+        model = model_cls.random(model_config, seed=config.seed, std=config.init_std)
+    return model.to(device=device, dtype=torch.float32).train()
+
+
+def restore_state(checkpoint: Checkpoint | None, optimizer: torch.optim.Optimizer) -> tuple[int, int, float]:
+    """Load the checkpoint's optimizer and RNG states; returns (step, tokens seen, seconds
+    trained) to start from (zeros without a checkpoint)."""
+    if checkpoint is None:
+        return 0, 0, 0.0
+    optimizer.load_state_dict(checkpoint.state.optimizer)
+    restore_rng(checkpoint.state.rng)
+    return checkpoint.state.step, checkpoint.state.tokens_seen, checkpoint.state.elapsed_s
+
+
+def schedule_of(config: RecipeConfig, total_steps: int) -> CosineSchedule:
+    return CosineSchedule(peak=config.lr, minimum=config.min_lr, warmup_steps=config.warmup_steps,
+                          total_steps=total_steps)
+
+
+def open_output(config: RecipeConfig, dist: Distributed, start_step: int) -> MetricsLog:
+    """Create the run directory, record the config, and drop metrics past ``start_step``."""
+    out_dir = Path(config.out_dir)
     metrics = MetricsLog(out_dir / METRICS_FILE, enabled=dist.is_main)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / TRAIN_CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
         metrics.truncate_after(start_step)
-    return Run(config=config, dist=dist, model=model, net=net, optimizer=optimizer,
-               schedule=CosineSchedule(peak=config.lr, minimum=config.min_lr,
-                                       warmup_steps=config.warmup_steps, total_steps=config.total_steps),
-               weights=weights, output_loops=loss_loops(model.config, weights),
-               train_tokens=train_tokens, val_windows=val_windows, tokenizer_file=tokenizer_file,
-               out_dir=out_dir, metrics=metrics,
-               start_step=start_step, start_tokens=start_tokens, start_elapsed_s=start_elapsed_s,
-               resumed_from=start_step if checkpoint is not None else None)
+    return metrics
 
 
 # --------------------------------------------------------------- one step
-def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One optimizer step; returns this rank's ``[4]`` loss parts (total, final, exit,
-    all-loops; 0 where unused) and the global gradient norm, both still on the device."""
+    all-loops; 0 where unused) and the global gradient norm, both still on the device,
+    and the training tokens of the step (all ranks)."""
     c = run.config
-    lr = run.schedule(step)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(run, step)
     batch = training_batch(run.train_tokens, seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed,
                            step=step, rank=run.dist.rank, world_size=run.dist.world_size)
     micro_batches = batch.to(run.dist.device).reshape(c.grad_accum, -1, c.seq_len + 1)  # [A, b, T+1]
@@ -263,15 +304,33 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
                 out = run.net(micro[:, :-1], output_loops=run.output_loops)
                 loss = looped_loss(out, micro[:, 1:], run.model.config, run.weights)
             (loss.total / c.grad_accum).backward()
-        zero = torch.zeros((), device=run.dist.device)
-        parts += torch.stack([loss.total, loss.final,
-                              loss.exit if loss.exit is not None else zero,
-                              loss.all_loops if loss.all_loops is not None else zero]).detach() / c.grad_accum
-    max_norm = c.grad_clip if c.grad_clip is not None else math.inf  # inf: measure, never scale
+        parts += loss_parts(loss) / c.grad_accum
+    return parts, apply_update(run), c.tokens_per_step
+
+
+def set_learning_rate(run: RunCore, step: int) -> None:
+    """The schedule's learning rate for optimizer step ``step``."""
+    lr = run.schedule(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def loss_parts(loss: LoopedLoss) -> torch.Tensor:
+    """``[4]`` detached loss parts: total, final, exit, all-loops (0 where unused)."""
+    zero = torch.zeros((), device=loss.total.device)
+    return torch.stack([loss.total, loss.final,
+                        loss.exit if loss.exit is not None else zero,
+                        loss.all_loops if loss.all_loops is not None else zero]).detach()
+
+
+def apply_update(run: RunCore) -> torch.Tensor:
+    """Clip the global gradient norm (if configured), step AdamW, clear the gradients;
+    returns the norm before clipping (on the device)."""
+    max_norm = run.config.grad_clip if run.config.grad_clip is not None else math.inf  # inf: measure only
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return parts, grad_norm
+    return grad_norm
 
 
 # ------------------------------------------------------------- observers
@@ -282,7 +341,7 @@ def evaluate(run: Run, step: int) -> dict:
     return result
 
 
-def save(run: Run, step: int, tokens_seen: int, elapsed_s: float) -> None:
+def save(run: RunCore, step: int, tokens_seen: int, elapsed_s: float) -> None:
     if run.dist.is_main:
         state = TrainingState(step=step, tokens_seen=tokens_seen, elapsed_s=elapsed_s,
                               optimizer=run.optimizer.state_dict(), rng=capture_rng())
@@ -290,7 +349,7 @@ def save(run: Run, step: int, tokens_seen: int, elapsed_s: float) -> None:
     run.dist.barrier()
 
 
-def write_final_model(run: Run) -> Path:
+def write_final_model(run: RunCore) -> Path:
     """``out_dir/model``: the trained model, its tokenizer and the config that made it."""
     directory = run.out_dir / MODEL_DIR
     if run.dist.is_main:
@@ -301,17 +360,17 @@ def write_final_model(run: Run) -> Path:
     return directory
 
 
-def _progress_bar(run: Run, enabled: bool):
+def _progress_bar(run: RunCore, enabled: bool):
     if not (enabled and run.dist.is_main):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=run.config.total_steps, initial=run.start_step, unit="step",
+    return tqdm(total=run.total_steps, initial=run.start_step, unit="step",
                 desc="train", dynamic_ncols=True)
 
 
 class Interval:
-    """Loss parts, steps and seconds accumulated since the last log event."""
+    """Loss parts, steps, tokens and seconds accumulated since the last log event."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -320,6 +379,7 @@ class Interval:
     def reset(self) -> None:
         self.parts = torch.zeros(4, device=self.device)  # total, final, exit, all-loops
         self.steps = 0
+        self.tokens = 0
         self.seconds = 0.0
 
     def average(self, dist: Distributed) -> list[float]:
@@ -327,11 +387,11 @@ class Interval:
         return (dist.all_reduce_sum(self.parts) / (dist.world_size * self.steps)).tolist()
 
 
-def log_train(run: Run, interval: Interval, losses: list[float], grad_norm: torch.Tensor,
+def log_train(run: RunCore, interval: Interval, losses: list[float], grad_norm: torch.Tensor,
               step: int, tokens_seen: int, elapsed_s: float, bar) -> float:
     """Write a ``train`` event for the interval ending at ``step``; returns its mean loss."""
     total_loss, final, exit_ce, all_loops = losses
-    tokens_per_s = interval.steps * run.config.tokens_per_step / interval.seconds
+    tokens_per_s = interval.tokens / interval.seconds
     event = {"event": "train", "step": step, "loss": total_loss, "loss_final": final,
              "lr": run.schedule(step - 1), "grad_norm": float(grad_norm),
              "tokens": tokens_seen, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s}
@@ -346,9 +406,18 @@ def log_train(run: Run, interval: Interval, losses: list[float], grad_norm: torc
 
 
 # ------------------------------------------------------------------- loop
-def run_training(run: Run, progress: bool) -> TrainSummary:
+def run_training(run: RunCore, progress: bool, *, step_fn=None, eval_fn=None) -> TrainSummary:
+    """The loop shared by every kind of run: steps, logging, evaluation, checkpoints, final model.
+
+    ``step_fn(run, step) -> (loss parts [4], grad norm, tokens)`` performs one
+    optimizer step and ``eval_fn(run, step) -> dict`` (with ``loss`` and
+    ``exit_agreement``) evaluates and logs; the defaults are the decoder-only
+    :func:`train_step` and :func:`evaluate`.
+    """
+    step_fn = step_fn or train_step  # looked up at call time, so tests can patch them
+    eval_fn = eval_fn or evaluate
     c = run.config
-    total = c.total_steps
+    total = run.total_steps
     step, tokens_seen, elapsed_s = run.start_step, run.start_tokens, run.start_elapsed_s
     bar = _progress_bar(run, progress)
     interval = Interval(run.dist.device)
@@ -356,11 +425,12 @@ def run_training(run: Run, progress: bool) -> TrainSummary:
     try:
         while step < total:
             start = time.perf_counter()
-            parts, grad_norm = train_step(run, step)
+            parts, grad_norm, step_tokens = step_fn(run, step)
             step += 1
-            tokens_seen += c.tokens_per_step
+            tokens_seen += step_tokens
             interval.parts += parts
             interval.steps += 1
+            interval.tokens += step_tokens
             log_now = step % c.log_every == 0 or step == total
             losses = interval.average(run.dist) if log_now else None
             step_s = time.perf_counter() - start  # after the sync, so device time is counted
@@ -372,7 +442,7 @@ def run_training(run: Run, progress: bool) -> TrainSummary:
                 train_loss = log_train(run, interval, losses, grad_norm, step, tokens_seen, elapsed_s, bar)
                 interval.reset()
             if step % c.eval_every == 0 or step == total:
-                last_eval = evaluate(run, step)
+                last_eval = eval_fn(run, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{train_loss:.3f}" if train_loss is not None else "-",
                                     val=f"{last_eval['loss']:.3f}",
@@ -383,7 +453,7 @@ def run_training(run: Run, progress: bool) -> TrainSummary:
         if bar is not None:
             bar.close()
     if last_eval is None:  # resumed a finished run: evaluate its final weights once more
-        last_eval = evaluate(run, step)
+        last_eval = eval_fn(run, step)
     model_dir = write_final_model(run)
     run.metrics.write({"event": "done", "step": step, "tokens": tokens_seen, "train_s": elapsed_s,
                        "model_dir": str(model_dir)})

@@ -1,0 +1,175 @@
+"""Command-line front ends of translation: ``train-translation``, ``translate``, ``eval-translation``.
+
+Thin wrappers over :func:`~speedec.encdec.train_translation`,
+:func:`~speedec.encdec.translate` and :func:`~speedec.encdec.evaluate_translation`.
+Bad input raises a :class:`~speedec.errors.SpeedecError` or
+:class:`click.UsageError`; the main CLI prints those as one line
+``error: ...`` and exits with code 2.
+
+The whole setting, from the registries to a score::
+
+    speedec data prepare-parallel --out data/parallel-de-en --pairs de-en
+    speedec tokenizer train --parallel data/parallel-de-en --out data/parallel-de-en/tokenizer.json --vocab-size 4096
+    speedec train-translation --config configs/translation/de-en-L4.json
+    speedec translate --model runs/translation/de-en-L4/model "Das Abendessen hat mir geschmeckt."
+    speedec eval-translation --model runs/translation/de-en-L4/model --data data/parallel-de-en
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import torch
+
+from ..errors import GenerationError, SpeedecError
+from ..training.commands import config_overrides, run_options, summary_line
+
+ENGINE_HELP = "autoregressive, speed or self-speculative (all give the same translation)."
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def _check_engine(engine: str) -> None:
+    from .engines import TRANSLATION_ENGINES
+
+    if engine not in TRANSLATION_ENGINES:
+        raise GenerationError(f"unknown engine {engine!r}; choose one of: {', '.join(TRANSLATION_ENGINES)}")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise click.UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SpeedecError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpeedecError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def _engine_options(draft_tokens: int | None) -> dict:
+    return {} if draft_tokens is None else {"draft_tokens": draft_tokens}
+
+
+@click.command("train-translation")
+@run_options("Translation training config (JSON; see configs/translation/).",
+             "Sentence pairs per optimizer step.")
+def train_translation_command(config_file, resume, settings, no_progress, **options) -> None:
+    """Train an encoder-decoder translator with a looped decoder and the early-exit loss.
+
+    The config names a parallel corpus (speedec data prepare-parallel) and a
+    shared tokenizer (speedec tokenizer train --parallel). The run directory
+    gets metrics.jsonl, checkpoint/ (continue with --resume) and, at the end,
+    model/ with config.json, model.safetensors and tokenizer.json.
+    """
+    from .train_config import TranslationConfig
+    from .trainer import train_translation
+
+    config = TranslationConfig.from_file(config_file, config_overrides(settings, options))
+    summary = train_translation(config, resume=resume, progress=not no_progress)
+    click.echo(summary_line(summary))
+
+
+@click.command("translate")
+@click.argument("text_arg", metavar="[TEXT]", required=False)
+@click.option("--model", "model_dir", required=True, help="Translator directory (with tokenizer.json).")
+@click.option("--text", help="Sentence to translate (instead of the TEXT argument).")
+@click.option("--engine", default="speed", show_default=True, help=ENGINE_HELP)
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Token limit (default: 2 x source tokens + 10, within the model's max_target_len).")
+@click.option("--draft-tokens", type=int, default=None, help="Guesses per round (self-speculative).")
+@click.option("--temperature", default=0.0, show_default=True, type=float,
+              help="0 is greedy; above 0 samples (losslessly under speculation).")
+@click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
+@click.option("--top-p", type=float, default=None, help="Sample within this probability mass.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for PyTorch.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
+def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_tokens, temperature, top_k,
+                      top_p, seed, dtype, device, threads, as_json) -> None:
+    """Translate one sentence with a trained translator (every engine gives the same tokens)."""
+    from .translate import load_translator, translate
+
+    if text_arg is not None and text is not None:
+        raise click.UsageError("give the text once: as an argument or with --text")
+    text = text if text is not None else text_arg
+    if text is None:
+        raise click.UsageError("give the sentence to translate (TEXT or --text)")
+    if not text.strip():
+        raise GenerationError("the text to translate is empty")
+    _check_engine(engine)
+    _set_threads(threads)
+    model, tokenizer = load_translator(model_dir, dtype=DTYPES[dtype], device=_device(device))
+    result = translate(model, tokenizer, text, engine=engine, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                       **_engine_options(draft_tokens))
+    if as_json:
+        click.echo(json.dumps({"engine": engine, **result.to_dict()}, ensure_ascii=False))
+    else:
+        click.echo(result.text)
+
+
+@click.command("eval-translation")
+@click.option("--model", "model_dir", required=True, help="Translator directory (with tokenizer.json).")
+@click.option("--data", "data", required=True, type=click.Path(),
+              help="Parallel corpus directory (speedec data prepare-parallel) or one JSONL file.")
+@click.option("--split", default="test", show_default=True, help="Split to translate (with a directory).")
+@click.option("--engine", default="speed", show_default=True, help=ENGINE_HELP)
+@click.option("--draft-tokens", type=int, default=None, help="Guesses per round (self-speculative).")
+@click.option("--limit", type=int, default=None, help="Only the first N pairs.")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Token limit per sentence (default: 2 x source tokens + 10, within max_target_len).")
+@click.option("--warmup", default=1, show_default=True, type=int,
+              help="Untimed translations before measuring.")
+@click.option("--threads", type=int, default=None, help="CPU threads for PyTorch.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--hypotheses", "hypotheses_file", type=click.Path(dir_okay=False),
+              help="Also write the translations here, one a line.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def eval_translation_command(model_dir, data, split, engine, draft_tokens, limit, max_new_tokens, warmup,
+                             threads, device, hypotheses_file, as_json, no_progress) -> None:
+    """BLEU and chrF (sacrebleu) of a translator on a split, with the engine's speed and acceptance."""
+    from ..storage import atomic_write_text
+    from .data import read_pairs, split_path
+    from .evaluate import evaluate_translation
+    from .translate import load_translator
+
+    _check_engine(engine)
+    if limit is not None and limit < 1:
+        raise click.UsageError(f"--limit must be >= 1, got {limit}")
+    if warmup < 0:
+        raise click.UsageError(f"--warmup must be >= 0, got {warmup}")
+    _set_threads(threads)
+    path = split_path(data, split)
+    pairs = read_pairs(path)[:limit]
+    if not pairs:
+        raise SpeedecError(f"{path} holds no sentence pairs")
+    model, tokenizer = load_translator(model_dir, device=_device(device))
+    result = evaluate_translation(model, tokenizer, pairs, engine=engine, max_new_tokens=max_new_tokens,
+                                  warmup=warmup, progress=not no_progress and not as_json,
+                                  **_engine_options(draft_tokens))
+    report = {"model": str(model_dir), "data": str(path), **result.report}
+    if hypotheses_file is not None:
+        Path(hypotheses_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(hypotheses_file), "".join(h.replace("\n", " ") + "\n" for h in result.hypotheses))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    r = report
+    line = (f"{path}: {r['sentences']} sentences, BLEU {r['bleu']:.2f}, chrF {r['chrf']:.2f}; "
+            f"{engine} (L={r['n_loops']}): {r['ms_per_sentence']:.1f} ms/sentence")
+    if r["steps_per_token"] is not None:
+        line += f", {r['steps_per_token']:.2f} steps/token"
+    if r["acceptance"] is not None:
+        line += f", acceptance {r['acceptance']:.3f}"
+    click.echo(line)
