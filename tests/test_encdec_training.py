@@ -422,3 +422,19 @@ def test_bad_inputs_exit_2_with_one_line(trained, corpus, tmp_path, make_args, m
     code, stdout, stderr = run_cli(*make_args(trained / "model", corpus, tmp_path))
     assert code == 2, (stdout, stderr)
     assert stderr.startswith("error: ") and stderr.count("\n") == 1 and message in stderr, stderr
+
+
+def test_translation_study_cli(trained, corpus, tmp_path):
+    shallow = tmp_path / "shallow"
+    model = dict(TINY_MODEL, n_loops=1, exit_loop=None)
+    train_translation(tiny_config(corpus, shallow, model=EncDecConfig(**model), exit_weight=0.0), progress=False)
+    out = tmp_path / "study.json"
+    code, stdout, stderr = run_cli("study", "translation", "--models", f"{shallow / 'model'},{trained / 'model'}",
+                                   "--data", corpus, "--sentences", 2, "--repeats", 1, "--threads", 1,
+                                   "--json", out, "--plot", tmp_path / "study.png")
+    assert code == 0, stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["engine"]) for r in rows] == [
+        ("L=1", "autoregressive"), ("L=3", "autoregressive"), ("L=3", "speed")]
+    assert all(0 <= r["quality"]["bleu"] <= 100 and r["ms"] > 0 for r in rows)
+    assert "L=3" in stdout

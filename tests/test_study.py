@@ -1,0 +1,64 @@
+"""The depth study: paired latency ratios, and the CLI on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from helpers import random_model, small_config
+from speedec.bench.study import StudyEntry, format_study, run_study
+from speedec.cli import cli
+
+SAMPLE = Path(__file__).parent / "data" / "english_sample.txt"
+
+
+def _entry(label, loops, engines, times, counts=None):
+    """An entry whose runs take the given seconds, in call order (warm-up included)."""
+    calls = iter(times)
+
+    def run(engine):
+        return next(calls), 10, counts or {"steps": 0, "after_first": 0, "accepted": 0, "verified": 0}
+    return StudyEntry(label, loops, engines, run, {"ppl": 10.0 * loops})
+
+
+def test_latency_is_paired_against_the_first_autoregressive_run():
+    # one engine per entry; rotation alternates who runs first but each entry sees its own sequence
+    base = _entry("L=1", 1, ("autoregressive",), [9.0, 1.0, 2.0, 1.0])  # warm-up, then 3 repeats
+    deep = _entry("L=4", 4, ("speed",), [9.0, 1.5, 2.0, 1.6],
+                  {"steps": 30, "after_first": 20, "accepted": 9, "verified": 10})
+    report = run_study([base, deep], kind="depth", unit="token", repeats=3)
+    rows = {r.model: r for r in report.rows}
+    assert rows["L=1"].latency_vs_base == pytest.approx(1.0)
+    assert rows["L=4"].latency_vs_base == pytest.approx(1.5)  # median of 1.5, 1.0, 1.6
+    assert rows["L=4"].ms == pytest.approx(160.0)  # median of 150, 200, 160 ms per 10 units
+    assert rows["L=4"].acceptance == pytest.approx(0.9) and rows["L=4"].steps_per_token == pytest.approx(1.5)
+    assert "L=4" in format_study(report) and rows["L=4"].quality == {"ppl": 40.0}
+
+
+def test_first_model_must_run_autoregressive():
+    with pytest.raises(ValueError, match="autoregressive"):
+        run_study([_entry("L=2", 2, ("speed",), [1.0] * 4)], kind="depth", unit="token", repeats=1)
+
+
+def test_depth_study_cli(tmp_path):
+    dirs = []
+    for loops, exit_loop in ((1, None), (3, 1)):
+        config = small_config(vocab_size=256, n_loops=loops, exit_loop=exit_loop)
+        directory = tmp_path / f"L{loops}"
+        random_model(config, seed=1).float().save_pretrained(directory)
+        dirs.append(str(directory))
+    out, plot = tmp_path / "study.json", tmp_path / "study.png"
+    result = CliRunner().invoke(cli, ["study", "depth", "--models", ",".join(dirs), "--data", str(SAMPLE),
+                                      "--prompts", "1", "--max-new-tokens", "6", "--repeats", "1",
+                                      "--threads", "1", "--json", str(out), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [(r["model"], r["engine"]) for r in data["rows"]] == [
+        ("L=1", "autoregressive"), ("L=3", "autoregressive"), ("L=3", "speed")]
+    assert all(r["quality"]["ppl"] > 1 for r in data["rows"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = CliRunner().invoke(cli, ["study", "depth", "--models", dirs[0], "--data", str(SAMPLE)])
+    assert bad.exit_code == 2 and "at least two" in bad.stderr
