@@ -16,21 +16,14 @@ import torch
 from . import __version__
 from .bundled import bundled_model_dir, resolve_model_dir  # noqa: F401 (re-exported)
 from .config import PRESET_RESIDUAL_SCALE, ModelConfig, preset
+from .devices import DTYPES, parse_device
 from .errors import GenerationError, SpeedecError
 from .model import LoopedLM
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def load_model(model: str | None, dtype: str, device: str) -> tuple[Path, LoopedLM]:
     directory = resolve_model_dir(model)
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError:
-        raise SpeedecError(f"unknown device {device!r}") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise SpeedecError("--device cuda was asked for but no CUDA device is available")
-    return directory, LoopedLM.from_pretrained(directory, dtype=DTYPES[dtype], device=torch_device)
+    return directory, LoopedLM.from_pretrained(directory, dtype=DTYPES[dtype], device=parse_device(device))
 
 
 def parse_ids(text: str) -> list[int]:

@@ -23,11 +23,11 @@ from pathlib import Path
 import click
 import torch
 
+from ..devices import DTYPES, parse_device
 from ..errors import GenerationError, SpeedecError
 from ..training.commands import config_overrides, run_options, summary_line
 
 ENGINE_HELP = "autoregressive, speed or self-speculative (all give the same translation)."
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def _check_engine(engine: str) -> None:
@@ -42,16 +42,6 @@ def _set_threads(threads: int | None) -> None:
         if threads < 1:
             raise click.UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SpeedecError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpeedecError("--device cuda was asked for but no CUDA device is available")
-    return device
 
 
 def _engine_options(draft_tokens: int | None) -> dict:
@@ -108,7 +98,7 @@ def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_t
         raise GenerationError("the text to translate is empty")
     _check_engine(engine)
     _set_threads(threads)
-    model, tokenizer = load_translator(model_dir, dtype=DTYPES[dtype], device=_device(device))
+    model, tokenizer = load_translator(model_dir, dtype=DTYPES[dtype], device=parse_device(device))
     result = translate(model, tokenizer, text, engine=engine, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                        **_engine_options(draft_tokens))
@@ -154,7 +144,7 @@ def eval_translation_command(model_dir, data, split, engine, draft_tokens, limit
     pairs = read_pairs(path)[:limit]
     if not pairs:
         raise SpeedecError(f"{path} holds no sentence pairs")
-    model, tokenizer = load_translator(model_dir, device=_device(device))
+    model, tokenizer = load_translator(model_dir, device=parse_device(device))
     result = evaluate_translation(model, tokenizer, pairs, engine=engine, max_new_tokens=max_new_tokens,
                                   warmup=warmup, progress=not no_progress and not as_json,
                                   **_engine_options(draft_tokens))

@@ -1,0 +1,20 @@
+"""Dtype names and device parsing shared by the command-line front ends."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SpeedecError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def parse_device(name: str) -> torch.device:
+    """``name`` as a torch device; a clear error for an unknown name or a missing GPU."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SpeedecError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpeedecError("--device cuda was asked for but no CUDA device is available")
+    return device
