@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError, TokenizerError, TrainingError
+from ..errors import DataError, TrainingError
 from ..tokenizer import BPETokenizer
 from ..training.checkpoint import CHECKPOINT_DIR
 from ..training.distributed import Distributed, autocast, pick_device
@@ -41,6 +41,7 @@ from ..training.trainer import (
     run_training,
     schedule_of,
     set_learning_rate,
+    training_tokenizer,
 )
 from .data import (
     BucketSampler,
@@ -96,13 +97,7 @@ def setup_translation_run(config: TranslationConfig, resume: bool) -> Translatio
     if not tokenizer_file.is_file():
         raise TrainingError(f"tokenizer {tokenizer_file} does not exist (train one with: speedec tokenizer "
                             f"train --parallel {config.data} --out {tokenizer_file})")
-    try:
-        tokenizer = BPETokenizer(tokenizer_file)
-    except TokenizerError as exc:
-        raise TrainingError(str(exc)) from None
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise TrainingError(f"the tokenizer {tokenizer_file} has {tokenizer.vocab_size} tokens but the "
-                            f"model's vocabulary has only {model_config.vocab_size}")
+    tokenizer = training_tokenizer(tokenizer_file, model_config.vocab_size)
     if tokenizer.eos_token_id is None:
         raise TrainingError(f"the tokenizer {tokenizer_file} has no <|endoftext|> token to end translations")
     out_dir = Path(config.out_dir)

@@ -174,6 +174,18 @@ def load_split(path: str, tokenizer: BPETokenizer, dist: Distributed, seq_len: i
     return tokens
 
 
+def training_tokenizer(path: Path, vocab_size: int) -> BPETokenizer:
+    """The run's tokenizer, checked against the model's vocabulary (errors as TrainingError)."""
+    try:
+        tokenizer = BPETokenizer(path)
+    except TokenizerError as exc:
+        raise TrainingError(str(exc)) from None
+    if tokenizer.vocab_size > vocab_size:
+        raise TrainingError(f"the tokenizer {path} has {tokenizer.vocab_size} tokens but the "
+                            f"model's vocabulary has only {vocab_size}")
+    return tokenizer
+
+
 def build_optimizer(model: torch.nn.Module, config: RecipeConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: decaying norm gains toward 0 only hurts."""
     matrices = [p for p in model.parameters() if p.ndim >= 2]
@@ -205,13 +217,7 @@ def resume_point(config: RecipeConfig, root: Path, resume: bool, device: torch.d
 def setup_run(config: TrainConfig, dist: Distributed, resume: bool) -> Run:
     model_config = config.resolve_model_config()
     tokenizer_file = check_files(config)
-    try:
-        tokenizer = BPETokenizer(tokenizer_file)
-    except TokenizerError as exc:
-        raise TrainingError(str(exc)) from None
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise TrainingError(f"the tokenizer {tokenizer_file} has {tokenizer.vocab_size} tokens but the "
-                            f"model's vocabulary has only {model_config.vocab_size}")
+    tokenizer = training_tokenizer(tokenizer_file, model_config.vocab_size)
     if config.batch_size % (dist.world_size * config.grad_accum):
         raise TrainingError(f"batch_size ({config.batch_size}) must be divisible by processes x "
                             f"grad_accum ({dist.world_size} x {config.grad_accum})")
