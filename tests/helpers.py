@@ -93,7 +93,7 @@ class CountWeightReads(TorchDispatchMode):
     storage (BLAS path) or is the weight's oneDNN-reordered copy.
     """
 
-    PRODUCTS = ("mm", "addmm", "bmm", "matmul", "linear", "mv", "_linear_pointwise")
+    PRODUCTS = ("mm", "addmm", "bmm", "matmul", "linear", "mv", "_linear_pointwise", "few_rows_linear")
 
     def __init__(self, weights: dict[str, torch.Tensor]):
         super().__init__()

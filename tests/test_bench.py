@@ -128,6 +128,10 @@ def test_bench_cli_json(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["preset"] == "tiny" and data["bandwidth"]["stream_gbps"] > 0
+    from speedec.kernels import active_kernel
+
+    assert data["machine"]["kernel"] == active_kernel()
+    assert f"kernel {active_kernel()}" in result.stdout.splitlines()[0]
     for entry in data["engines"]:
         for key in ("engine", "tokens_per_s", "speedup_vs_autoregressive", "speedup_vs_speed", "acceptance",
                     "steps_per_token"):
@@ -141,3 +145,22 @@ def test_bench_cli_json(tmp_path):
     assert bad.exit_code == 2 and "unknown speed option 'beam'" in bad.stderr
     bad = CliRunner().invoke(cli, ["bench", "--preset", "tiny", "--engines", "speed+guesses=x"])
     assert bad.exit_code == 2 and "guesses must be an integer" in bad.stderr
+
+
+def test_kernels_cli_times_every_available_kernel():
+    from speedec.kernels import available_kernels
+
+    result = CliRunner().invoke(cli, ["kernels", "--preset", "tiny", "--max-rows", "3", "--rounds", "1",
+                                      "--repeats", "1", "--threads", str(torch.get_num_threads())])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("active kernel: ")
+    header = lines[1].split()
+    for name in available_kernels():
+        assert name in header[1:]
+    rows = lines[3:]
+    assert [r.split()[0] for r in rows] == ["1", "2", "3"]
+    for r in rows:
+        assert all(float(v.rstrip("x")) > 0 for v in r.split()[1:])
+    bad = CliRunner().invoke(cli, ["kernels", "--preset", "tiny", "--rounds", "0"])
+    assert bad.exit_code == 2 and "--rounds must be >= 1" in bad.stderr

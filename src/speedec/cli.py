@@ -333,6 +333,39 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
             click.echo(f"wrote {path}", err=True)
 
 
+@cli.command()
+@click.option("--preset", "preset_name", default="membound", show_default=True,
+              help="membound, membound-deep, tiny, or default (the bundled model).")
+@click.option("--model", "model_dir", default=None, help="Measure a saved model instead of a preset.")
+@click.option("--max-rows", default=8, show_default=True, type=int, help="Rows in flight: 1..N.")
+@click.option("--rounds", default=3, show_default=True, type=int, help="Interleaved rounds per kernel.")
+@click.option("--repeats", default=5, show_default=True, type=int, help="Steps timed per row count and round.")
+@click.option("--threads", default=2, show_default=True, type=int)
+def kernels(preset_name, model_dir, max_rows, rounds, repeats, threads) -> None:
+    """Time one step (K layers, float32) against the rows in flight, for each matmul kernel."""
+    from tqdm import tqdm
+
+    from .bench.kernels import compare_kernels, format_kernel_table
+    from .bench.setup import build_model
+    from .kernels import active_kernel, available_kernels, kernel_choice
+
+    for name, value in (("--max-rows", max_rows), ("--rounds", rounds), ("--repeats", repeats),
+                        ("--threads", threads)):
+        if value < 1:
+            raise click.UsageError(f"{name} must be >= 1, got {value}")
+    torch.set_num_threads(threads)
+    if preset_name == "default" and model_dir is None:
+        model_dir = str(resolve_model_dir(None))
+    model = build_model(preset_name, model_dir=model_dir)
+    click.echo(f"active kernel: {active_kernel()} (SPEEDEC_KERNEL={kernel_choice()})")
+    with tqdm(total=rounds * len(available_kernels()), desc="kernels", unit="round", file=sys.stderr, leave=False) as bar:
+        def progress(message):
+            bar.set_postfix_str(message)
+            bar.update(1)
+        costs = compare_kernels(model, max_rows, rounds=rounds, repeats=repeats, progress=progress)
+    click.echo(format_kernel_table(costs))
+
+
 @cli.group()
 def study() -> None:
     """Accuracy against latency for models that differ only in their number of loops."""

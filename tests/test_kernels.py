@@ -1,0 +1,106 @@
+"""The few-row matrix products (speedec.kernels): correctness, batch invariance, choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speedec import kernels
+from speedec.errors import ConfigError
+
+HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """Select a kernel through SPEEDEC_KERNEL for one test."""
+
+    def select(name: str) -> str:
+        monkeypatch.setenv("SPEEDEC_KERNEL", name)
+        kernels.reset_kernel_choice()
+        return kernels.active_kernel()
+
+    yield select
+    monkeypatch.delenv("SPEEDEC_KERNEL", raising=False)
+    kernels.reset_kernel_choice()
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2")
+def test_avx2_kernel_builds_on_an_avx2_machine():
+    assert kernels.avx2_kernel_available(), kernels._AVX2_ERROR
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2")
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 13])
+@pytest.mark.parametrize("k_dim,n_out", [(64, 96), (1003, 77), (16, 1)])
+def test_avx2_kernel_matches_float64_and_is_batch_invariant(rows, k_dim, n_out):
+    assert kernels.avx2_kernel_available(), kernels._AVX2_ERROR
+    gen = torch.Generator().manual_seed(rows * 1000 + k_dim)
+    x = torch.randn(rows, k_dim, generator=gen)
+    w = torch.randn(n_out, k_dim, generator=gen)
+    out = torch.ops.speedec_kernels.few_rows_linear(x, w)
+    exact = x.double() @ w.double().T
+    assert out.shape == (rows, n_out) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-4 * k_dim ** 0.5)
+    # Each row alone gives the same bits as in the batch: several tokens per step
+    # cannot change what one token would have produced.
+    alone = torch.cat([torch.ops.speedec_kernels.few_rows_linear(x[i:i + 1], w) for i in range(rows)])
+    assert torch.equal(out, alone)
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2")
+def test_avx2_kernel_rejects_bad_operands():
+    assert kernels.avx2_kernel_available(), kernels._AVX2_ERROR
+    op = torch.ops.speedec_kernels.few_rows_linear
+    with pytest.raises(RuntimeError, match="columns"):
+        op(torch.ones(2, 8), torch.ones(4, 9))
+    with pytest.raises(RuntimeError, match="float32"):
+        op(torch.ones(2, 8, dtype=torch.float64), torch.ones(4, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["avx2", "onednn", "torch", "auto"])
+def test_linear_agrees_with_f_linear_under_every_kernel(kernel, name):
+    if name == "avx2" and not HAS_AVX2:
+        pytest.skip("the CPU has no AVX2")
+    active = kernel(name)
+    assert active == ("avx2" if name == "auto" and HAS_AVX2 else active)
+    if name != "auto":
+        assert active in (name, "torch")  # oneDNN may be missing from a PyTorch build
+    x = torch.randn(2, 3, 40)
+    w = torch.randn(24, 40)
+    with torch.inference_mode():
+        out = kernels.linear(x, w)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert out.shape == (2, 3, 24)
+
+
+def test_unknown_kernel_is_a_config_error(kernel):
+    with pytest.raises(ConfigError, match="SPEEDEC_KERNEL must be one of"):
+        kernel("fastest")
+
+
+def test_gradients_and_float64_use_f_linear(kernel):
+    kernel("auto")
+    x = torch.randn(3, 8, dtype=torch.float64)
+    w = torch.randn(5, 8, dtype=torch.float64)
+    with torch.inference_mode():
+        assert torch.equal(kernels.linear(x, w), (w @ x.T).T)
+    wg = torch.randn(5, 8, requires_grad=True)
+    kernels.linear(torch.randn(3, 8), wg).sum().backward()
+    assert wg.grad is not None
+
+
+def test_use_kernel_switches_and_restores(kernel):
+    kernel("auto")
+    before = kernels.active_kernel()
+    x = torch.randn(3, 32)
+    w = torch.randn(16, 32)
+    with torch.inference_mode():
+        for name in kernels.available_kernels():
+            with kernels.use_kernel(name):
+                torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert kernels.active_kernel() == before
+    with pytest.raises(ConfigError, match="kernel must be one of"):
+        with kernels.use_kernel("auto"):
+            pass
