@@ -341,15 +341,16 @@ def test_translate_cli_engines_agree(trained, corpus):
     for source in sources:
         outputs = {}
         for engine, extra in (("autoregressive", []), ("speed", []),
-                              ("self-speculative", ["--draft-tokens", 2])):
+                              ("self-speculative", ["--draft-tokens", 2]),
+                              ("speed", ["--early-correction", "--guesses", 2, "--adaptive"])):
             code, stdout, stderr = run_cli("translate", "--model", model_dir, source, "--engine", engine,
                                            "--json", *extra)
             assert code == 0, stderr
             data = json.loads(stdout)
             assert data["engine"] == engine and data["stats"]["new_tokens"] == len(data["tokens"])
             assert data["stop_reason"] in ("eos", "length") and data["source_ids"]
-            outputs[engine] = (data["tokens"], data["text"])
-        assert outputs["speed"] == outputs["autoregressive"] == outputs["self-speculative"]
+            outputs[engine if not extra or engine != "speed" else "speed+options"] = (data["tokens"], data["text"])
+        assert outputs["speed"] == outputs["autoregressive"] == outputs["self-speculative"] == outputs["speed+options"]
         all_tokens.update(outputs["speed"][0])
         code, plain, _ = run_cli("translate", "--model", model_dir, "--text", source)
         assert code == 0 and plain == outputs["speed"][1] + "\n"
@@ -410,6 +411,7 @@ def test_translate_api_errors(trained, tmp_path):
     (lambda m, c, t: ["translate", "--model", t / "missing", "Hallo."], "does not exist"),
     (lambda m, c, t: ["translate", "--model", m, ""], "empty"),
     (lambda m, c, t: ["translate", "--model", m, "Hallo.", "--engine", "beam"], "unknown engine 'beam'"),
+    (lambda m, c, t: ["translate", "--model", m, "Hallo.", "--guesses", 0], "guesses must be an integer"),
     (lambda m, c, t: ["translate", "--model", m], "give the sentence"),
     (lambda m, c, t: ["translate", "--model", m, "Hallo.", "--max-new-tokens", 0], "max_new_tokens"),
     (lambda m, c, t: ["eval-translation", "--model", m, "--data", t / "missing"], "does not exist"),

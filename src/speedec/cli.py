@@ -15,6 +15,7 @@ import torch
 
 from . import __version__
 from .bundled import bundled_model_dir, resolve_model_dir  # noqa: F401 (re-exported)
+from .cli_options import engine_options, sampling_options, speculation_options
 from .config import PRESET_RESIDUAL_SCALE, ModelConfig, preset
 from .devices import DTYPES, parse_device
 from .errors import GenerationError, SpeedecError
@@ -121,28 +122,18 @@ def init(preset_name, config_file, out, seed, residual_scale, force) -> None:
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--engine", default="speed", show_default=True,
               help="speed, autoregressive or self-speculative.")
-@click.option("--draft-tokens", type=int, default=None, help="Guesses per round (self-speculative).")
-@click.option("--early-correction", is_flag=True,
-              help="speed: replace a guess as soon as a later loop predicts otherwise.")
-@click.option("--guesses", type=int, default=None,
-              help="speed: candidates launched per guess (the best as the guess, the rest as spares).")
-@click.option("--adaptive", is_flag=True,
-              help="speed: choose how many candidates to launch (none included) from measured "
-                   "acceptance and step costs.")
+@speculation_options
 @click.option("--eos-token-id", type=int, default=None,
               help="Stop at this token (default: the tokenizer's end-of-text, if any).")
-@click.option("--temperature", default=0.0, show_default=True, type=float,
-              help="0 is greedy; above 0 samples (losslessly under speculation).")
-@click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
-@click.option("--top-p", type=float, default=None, help="Sample within this probability mass.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
+@sampling_options
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
 @click.option("--stream", is_flag=True, help="Print text as tokens are verified.")
 def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, draft_tokens,
-             early_correction, guesses, adaptive, eos_token_id, temperature, top_k, top_p, seed, dtype, device, threads, as_json, stream) -> None:
+             early_correction, guesses, adaptive, eos_token_id, temperature, top_k, top_p, seed, dtype, device,
+             threads, as_json, stream) -> None:
     """Generate a continuation of a prompt (greedy; every engine gives the same tokens)."""
     from .engines import ENGINES
     from .engines import generate as run_generate
@@ -175,13 +166,7 @@ def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, 
         eos_token_id = tokenizer.eos_token_id
 
     printer = _StreamPrinter(tokenizer) if stream and not as_json else None
-    options = {} if draft_tokens is None else {"draft_tokens": draft_tokens}
-    if early_correction:
-        options["early_correction"] = True
-    if adaptive:
-        options["adaptive"] = True
-    if guesses is not None:
-        options["guesses"] = guesses
+    options = engine_options(draft_tokens, early_correction, guesses, adaptive)
     result = run_generate(model, ids, max_new_tokens, engine=engine, eos_token_id=eos_token_id,
                           on_token=printer.add if printer else None, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed, **options)

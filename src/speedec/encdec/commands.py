@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 import torch
 
+from ..cli_options import engine_options, sampling_options, speculation_options
 from ..devices import DTYPES, parse_device
 from ..errors import GenerationError, SpeedecError
 from ..training.commands import config_overrides, run_options, summary_line
@@ -42,10 +43,6 @@ def _set_threads(threads: int | None) -> None:
         if threads < 1:
             raise click.UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-
-
-def _engine_options(draft_tokens: int | None) -> dict:
-    return {} if draft_tokens is None else {"draft_tokens": draft_tokens}
 
 
 @click.command("train-translation")
@@ -74,18 +71,15 @@ def train_translation_command(config_file, resume, settings, no_progress, **opti
 @click.option("--engine", default="speed", show_default=True, help=ENGINE_HELP)
 @click.option("--max-new-tokens", type=int, default=None,
               help="Token limit (default: 2 x source tokens + 10, within the model's max_target_len).")
-@click.option("--draft-tokens", type=int, default=None, help="Guesses per round (self-speculative).")
-@click.option("--temperature", default=0.0, show_default=True, type=float,
-              help="0 is greedy; above 0 samples (losslessly under speculation).")
-@click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
-@click.option("--top-p", type=float, default=None, help="Sample within this probability mass.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
+@speculation_options
+@sampling_options
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
-def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_tokens, temperature, top_k,
-                      top_p, seed, dtype, device, threads, as_json) -> None:
+def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_tokens, early_correction,
+                      guesses, adaptive, temperature, top_k, top_p, seed, dtype, device, threads,
+                      as_json) -> None:
     """Translate one sentence with a trained translator (every engine gives the same tokens)."""
     from .translate import load_translator, translate
 
@@ -101,7 +95,7 @@ def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_t
     model, tokenizer = load_translator(model_dir, dtype=DTYPES[dtype], device=parse_device(device))
     result = translate(model, tokenizer, text, engine=engine, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                       **_engine_options(draft_tokens))
+                       **engine_options(draft_tokens, early_correction, guesses, adaptive))
     if as_json:
         click.echo(json.dumps({"engine": engine, **result.to_dict()}, ensure_ascii=False))
     else:
@@ -114,7 +108,7 @@ def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_t
               help="Parallel corpus directory (speedec data prepare-parallel) or one JSONL file.")
 @click.option("--split", default="test", show_default=True, help="Split to translate (with a directory).")
 @click.option("--engine", default="speed", show_default=True, help=ENGINE_HELP)
-@click.option("--draft-tokens", type=int, default=None, help="Guesses per round (self-speculative).")
+@speculation_options
 @click.option("--limit", type=int, default=None, help="Only the first N pairs.")
 @click.option("--max-new-tokens", type=int, default=None,
               help="Token limit per sentence (default: 2 x source tokens + 10, within max_target_len).")
@@ -126,8 +120,9 @@ def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_t
               help="Also write the translations here, one a line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def eval_translation_command(model_dir, data, split, engine, draft_tokens, limit, max_new_tokens, warmup,
-                             threads, device, hypotheses_file, as_json, no_progress) -> None:
+def eval_translation_command(model_dir, data, split, engine, draft_tokens, early_correction, guesses, adaptive,
+                             limit, max_new_tokens, warmup, threads, device, hypotheses_file, as_json,
+                             no_progress) -> None:
     """BLEU and chrF (sacrebleu) of a translator on a split, with the engine's speed and acceptance."""
     from ..storage import atomic_write_text
     from .data import read_pairs, split_path
@@ -147,7 +142,7 @@ def eval_translation_command(model_dir, data, split, engine, draft_tokens, limit
     model, tokenizer = load_translator(model_dir, device=parse_device(device))
     result = evaluate_translation(model, tokenizer, pairs, engine=engine, max_new_tokens=max_new_tokens,
                                   warmup=warmup, progress=not no_progress and not as_json,
-                                  **_engine_options(draft_tokens))
+                                  **engine_options(draft_tokens, early_correction, guesses, adaptive))
     report = {"model": str(model_dir), "data": str(path), **result.report}
     if hypotheses_file is not None:
         Path(hypotheses_file).parent.mkdir(parents=True, exist_ok=True)
