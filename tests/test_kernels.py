@@ -104,3 +104,49 @@ def test_use_kernel_switches_and_restores(kernel):
     with pytest.raises(ConfigError, match="kernel must be one of"):
         with kernels.use_kernel("auto"):
             pass
+
+
+def test_without_avx2_the_kernel_falls_back_with_a_reason(kernel, monkeypatch):
+    monkeypatch.setattr(kernels, "_AVX2", None)
+    monkeypatch.setattr(kernels, "_AVX2_ERROR", "")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert not kernels.avx2_kernel_available()
+    assert "not AVX2" in kernels._AVX2_ERROR
+    assert kernel("auto") in ("onednn", "torch")
+    assert "avx2" not in kernels.available_kernels()
+    with pytest.raises(ConfigError, match="SPEEDEC_KERNEL=avx2 but the kernel is unavailable"):
+        kernel("avx2")
+    kernel("auto")
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_build_warns_once_and_falls_back(kernel, monkeypatch, tmp_path):
+    if not HAS_AVX2:
+        pytest.skip("the CPU has no AVX2")
+    monkeypatch.setattr(kernels, "_AVX2", None)
+    monkeypatch.setattr(kernels, "_AVX2_ERROR", "")
+    broken = tmp_path / "few_rows.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "_SOURCE", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match="few-row kernel is unavailable"):
+        assert not kernels.avx2_kernel_available()
+    assert kernels._AVX2_ERROR
+    assert kernel("auto") in ("onednn", "torch")
+
+
+def test_a_stale_build_lock_is_cleared(tmp_path):
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    kernels._clear_stale_lock(tmp_path)
+    assert lock.exists()  # a fresh lock may belong to a build in progress
+    old = time.time() - kernels._STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    kernels._clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    kernels._clear_stale_lock(tmp_path)  # nothing to clear

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,6 +85,7 @@ def avx2_kernel_available(*, build: bool = True) -> bool:
         from torch.utils.cpp_extension import load
 
         directory.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(directory)
         built = any(directory.glob("*.so"))
         if not built:
             print("speedec: compiling the AVX2 few-row matmul kernel (once, about 15 s) ...",
@@ -98,6 +100,20 @@ def avx2_kernel_available(*, build: bool = True) -> bool:
         warnings.warn(f"speedec's AVX2 few-row kernel is unavailable ({_AVX2_ERROR}); using oneDNN",
                       RuntimeWarning, stacklevel=2)
     return _AVX2
+
+
+# A build interrupted (Ctrl-C, a killed job) leaves PyTorch's lock file behind,
+# and the next build would wait on it forever; a real build takes well under this.
+_STALE_LOCK_S = 600.0
+
+
+def _clear_stale_lock(directory: Path) -> None:
+    lock = directory / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def active_kernel() -> str:
