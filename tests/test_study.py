@@ -38,6 +38,23 @@ def test_latency_is_paired_against_the_first_autoregressive_run():
     assert "L=4" in format_study(report) and rows["L=4"].quality == {"ppl": 40.0}
 
 
+def test_translation_rows_report_tokens_per_sentence():
+    counts_a = {"steps": 40, "after_first": 36, "accepted": 0, "verified": 0, "tokens": 40}
+    counts_b = {"steps": 20, "after_first": 16, "accepted": 8, "verified": 9, "tokens": 20}
+    base = _entry("L=1", 1, ("autoregressive",), [9.0, 1.0, 1.0], counts_a)
+    deep = _entry("L=4", 4, ("speed",), [9.0, 1.0, 1.0], counts_b)
+    report = run_study([base, deep], kind="translation", unit="sentence", repeats=2)
+    rows = {r.model: r for r in report.rows}
+    assert rows["L=1"].tokens_per_unit == pytest.approx(4.0)  # 40 tokens per run of 10 sentences
+    assert rows["L=4"].tokens_per_unit == pytest.approx(2.0)
+    table = format_study(report)
+    assert "tok/sentence" in table and "ms/tok" in table
+    # 100 ms per sentence at 2 tokens per sentence: 50 ms per token
+    assert table.splitlines()[-1].split()[-2:] == ["2.0", "50.00"]
+    depth = run_study([_entry("L=1", 1, ("autoregressive",), [1.0, 1.0])], kind="depth", unit="token", repeats=1)
+    assert depth.rows[0].tokens_per_unit is None and "ms/tok" not in format_study(depth).split()
+
+
 def test_first_model_must_run_autoregressive():
     with pytest.raises(ValueError, match="autoregressive"):
         run_study([_entry("L=2", 2, ("speed",), [1.0] * 4)], kind="depth", unit="token", repeats=1)

@@ -52,6 +52,9 @@ class StudyRow:
     acceptance: float | None
     steps_per_token: float | None
     quality: dict
+    # Mean tokens generated per unit (per sentence for translators, whose
+    # outputs differ in length from model to model); None if not counted.
+    tokens_per_unit: float | None = None
 
 
 @dataclass
@@ -78,6 +81,7 @@ def run_study(entries: Sequence[StudyEntry], *, kind: str, unit: str, repeats: i
             entry.run(engine)
     times: dict[tuple[str, str], list[float]] = {(e.label, g): [] for e, g in pairs}
     stats: dict[tuple[str, str], list[dict]] = {(e.label, g): [] for e, g in pairs}
+    units_done: dict[tuple[str, str], int] = {(e.label, g): 0 for e, g in pairs}
     for rep in range(repeats):
         order = pairs[rep % len(pairs):] + pairs[: rep % len(pairs)]
         for entry, engine in order:
@@ -86,6 +90,7 @@ def run_study(entries: Sequence[StudyEntry], *, kind: str, unit: str, repeats: i
             seconds, units, st = entry.run(engine)
             times[entry.label, engine].append(1e3 * seconds / units)
             stats[entry.label, engine].append(st)
+            units_done[entry.label, engine] += units
     base = times[entries[0].label, BASELINE_ENGINE]
     rows = []
     for entry, engine in pairs:
@@ -94,25 +99,32 @@ def run_study(entries: Sequence[StudyEntry], *, kind: str, unit: str, repeats: i
         accepted = sum(s["accepted"] for s in st)
         verified = sum(s["verified"] for s in st)
         after_first = sum(s["after_first"] for s in st)
+        counted = all("tokens" in s for s in st)
         rows.append(StudyRow(
             model=entry.label, n_loops=entry.n_loops, engine=engine, ms=statistics.median(ms),
             ms_min=min(ms), ms_max=max(ms),
             latency_vs_base=statistics.median(m / b for m, b in zip(ms, base)),
             acceptance=accepted / verified if verified else None,
             steps_per_token=sum(s["steps"] for s in st) / after_first if after_first else None,
-            quality=dict(entry.quality)))
+            quality=dict(entry.quality),
+            tokens_per_unit=(sum(s["tokens"] for s in st) / units_done[entry.label, engine]
+                             if counted and units_done[entry.label, engine] else None)))
     return StudyReport(kind=kind, unit=unit, repeats=repeats, base=f"{entries[0].label} {BASELINE_ENGINE}",
                        rows=rows)
 
 
 def format_study(report: StudyReport) -> str:
     keys = list(dict.fromkeys(k for r in report.rows for k in r.quality))
-    cols = ["model", "engine", *keys, f"ms/{report.unit}", "min-max", f"x {report.base}", "accept", "steps/tok"]
+    lengths = report.unit != "token" and any(r.tokens_per_unit for r in report.rows)
+    cols = ["model", "engine", *keys, f"ms/{report.unit}", "min-max", f"x {report.base}", "accept", "steps/tok",
+            *([f"tok/{report.unit}", "ms/tok"] if lengths else [])]
     lines = []
     for r in report.rows:
         lines.append([r.model, r.engine, *(_num(r.quality.get(k)) for k in keys), f"{r.ms:.2f}",
                       f"{r.ms_min:.2f}-{r.ms_max:.2f}", f"{r.latency_vs_base:.2f}x",
-                      _num(r.acceptance, ".3f"), _num(r.steps_per_token, ".2f")])
+                      _num(r.acceptance, ".3f"), _num(r.steps_per_token, ".2f"),
+                      *([_num(r.tokens_per_unit, ".1f"),
+                         _num(r.ms / r.tokens_per_unit if r.tokens_per_unit else None)] if lengths else [])])
     widths = [max(len(str(x[i])) for x in [cols, *lines]) for i in range(len(cols))]
     fmt = lambda row: "  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w)  # noqa: E731
                                 for i, (v, w) in enumerate(zip(row, widths)))
@@ -189,7 +201,7 @@ def translation_entry(label: str, model, tokenizer, sources: list[list[int]], qu
 
 def _pool(items: list[GenerationStats]) -> dict:
     """Counters of several requests: steps per token counts tokens after each request's first."""
-    return {"steps": sum(s.steps for s in items),
+    return {"steps": sum(s.steps for s in items), "tokens": sum(s.new_tokens for s in items),
             "after_first": sum(max(0, s.new_tokens - 1) for s in items),
             "accepted": sum(s.drafts_accepted for s in items),
             "verified": sum(s.drafts_accepted + s.drafts_rejected for s in items)}
