@@ -88,7 +88,7 @@ def avx2_kernel_available(*, build: bool = True) -> bool:
         _clear_stale_lock(directory)
         built = any(directory.glob("*.so"))
         if not built:
-            print("speedec: compiling the AVX2 few-row matmul kernel (once, about 15 s) ...",
+            print("speedec: compiling the AVX2 few-row matmul kernel (once, 15-60 s) ...",
                   file=sys.stderr, flush=True)
         load(name=f"speedec_kernels_{directory.name}", sources=[str(_SOURCE)],
              extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
@@ -96,8 +96,10 @@ def avx2_kernel_available(*, build: bool = True) -> bool:
         torch.ops.speedec_kernels.few_rows_linear  # noqa: B018 - raises if registration failed
         _AVX2 = True
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back, say why once
-        _AVX2, _AVX2_ERROR = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
-        warnings.warn(f"speedec's AVX2 few-row kernel is unavailable ({_AVX2_ERROR}); using oneDNN",
+        last_line = (str(exc).strip().splitlines() or [""])[-1][:200]
+        _AVX2, _AVX2_ERROR = False, f"{type(exc).__name__}: {last_line}".rstrip(": ")
+        fallback = "oneDNN" if _ONEDNN else "F.linear"
+        warnings.warn(f"speedec's AVX2 few-row kernel is unavailable ({_AVX2_ERROR}); using {fallback}",
                       RuntimeWarning, stacklevel=2)
     return _AVX2
 
