@@ -79,3 +79,18 @@ def test_depth_study_cli(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(cli, ["study", "depth", "--models", dirs[0], "--data", str(SAMPLE)])
     assert bad.exit_code == 2 and "at least two" in bad.stderr
+    # speed variants as extra rows, only for the model with an early exit
+    result = CliRunner().invoke(cli, ["study", "depth", "--models", ",".join(dirs), "--data", str(SAMPLE),
+                                      "--prompts", "1", "--max-new-tokens", "6", "--repeats", "1",
+                                      "--threads", "1", "--engines", "autoregressive,speed+correction",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["engine"]) for r in rows] == [
+        ("L=1", "autoregressive"), ("L=3", "autoregressive"), ("L=3", "speed+correction")]
+    assert rows[2]["steps_per_token"] is not None
+    for engines, message in (("speed", "must include autoregressive"), ("autoregressive,beam", "unknown engine"),
+                             ("autoregressive,speed+beam", "unknown speed option")):
+        bad = CliRunner().invoke(cli, ["study", "depth", "--models", ",".join(dirs), "--data", str(SAMPLE),
+                                       "--engines", engines])
+        assert bad.exit_code == 2 and message in bad.stderr, bad.output

@@ -356,6 +356,25 @@ def study() -> None:
     """Accuracy against latency for models that differ only in their number of loops."""
 
 
+STUDY_ENGINES_HELP = ("Comma-separated rows: autoregressive (required), speed, and speed variants such as "
+                      "speed+correction (as in bench).")
+
+
+def _study_engines(engines: str) -> dict[str, tuple[str, dict]]:
+    rows: dict[str, tuple[str, dict]] = {}
+    for name in [e.strip() for e in engines.split(",") if e.strip()]:
+        if name in ("autoregressive", "speed"):
+            rows[name] = (name, {})
+        elif name.startswith("speed+"):
+            rows[name] = ("speed", speed_variant(name))
+        else:
+            raise click.UsageError(f"unknown engine {name!r} in --engines; a study runs autoregressive, "
+                                   "speed and speed variants")
+    if "autoregressive" not in rows:
+        raise click.UsageError("--engines must include autoregressive (every latency is relative to it)")
+    return {"autoregressive": rows.pop("autoregressive"), **rows}
+
+
 def _study_models(models: str) -> list[str]:
     dirs = [m.strip() for m in models.split(",") if m.strip()]
     if len(dirs) < 2:
@@ -394,11 +413,12 @@ def _study_progress(total: int):
 @click.option("--prompts", "n_prompts", default=4, show_default=True, type=int)
 @click.option("--prompt-len", default=16, show_default=True, type=int)
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--engines", default="autoregressive,speed", show_default=True, help=STUDY_ENGINES_HELP)
 @click.option("--repeats", default=3, show_default=True, type=int)
 @click.option("--threads", default=2, show_default=True, type=int)
 @click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
 @click.option("--plot", "plot_path", default=None, help="Write the PNG plot here.")
-def study_depth(models, data_file, n_prompts, prompt_len, max_new_tokens, repeats, threads, json_path,
+def study_depth(models, data_file, n_prompts, prompt_len, max_new_tokens, engines, repeats, threads, json_path,
                 plot_path) -> None:
     """Decoder-only models: validation perplexity against ms per token (autoregressive and speed)."""
     from .bench.setup import make_prompts
@@ -410,6 +430,7 @@ def study_depth(models, data_file, n_prompts, prompt_len, max_new_tokens, repeat
                         ("--max-new-tokens", max_new_tokens), ("--repeats", repeats), ("--threads", threads)):
         if value < 1:
             raise click.UsageError(f"{name} must be >= 1, got {value}")
+    rows = _study_engines(engines)
     torch.set_num_threads(threads)
     entries = []
     for directory in _study_models(models):
@@ -418,7 +439,7 @@ def study_depth(models, data_file, n_prompts, prompt_len, max_new_tokens, repeat
         metrics = evaluate_model(model, tokenizer, data_file, prompts=0)
         prompts = make_prompts(model, directory, count=n_prompts, length=prompt_len)
         entries.append(decoder_entry(f"L={model.config.n_loops}", model, prompts, max_new_tokens,
-                                     {"ppl": metrics["ppl"]}))
+                                     {"ppl": metrics["ppl"]}, rows))
     bar, progress = _study_progress(repeats * sum(len(e.engines) for e in entries))
     with bar:
         report = run_study(entries, kind="depth", unit="token", repeats=repeats, progress=progress)
@@ -431,11 +452,13 @@ def study_depth(models, data_file, n_prompts, prompt_len, max_new_tokens, repeat
 @click.option("--split", default="test", show_default=True)
 @click.option("--sentences", default=40, show_default=True, type=int,
               help="Sentences of the split timed per repetition (BLEU uses the whole split).")
+@click.option("--engines", default="autoregressive,speed", show_default=True, help=STUDY_ENGINES_HELP)
 @click.option("--repeats", default=3, show_default=True, type=int)
 @click.option("--threads", default=2, show_default=True, type=int)
 @click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
 @click.option("--plot", "plot_path", default=None, help="Write the PNG plot here.")
-def study_translation(models, data_dir, split, sentences, repeats, threads, json_path, plot_path) -> None:
+def study_translation(models, data_dir, split, sentences, engines, repeats, threads, json_path,
+                      plot_path) -> None:
     """Translators: test BLEU/chrF against ms per sentence (autoregressive and speed)."""
     from .bench.study import run_study, translation_entry
     from .encdec.data import read_pairs, split_path
@@ -445,6 +468,7 @@ def study_translation(models, data_dir, split, sentences, repeats, threads, json
     for name, value in (("--sentences", sentences), ("--repeats", repeats), ("--threads", threads)):
         if value < 1:
             raise click.UsageError(f"{name} must be >= 1, got {value}")
+    rows = _study_engines(engines)
     torch.set_num_threads(threads)
     pairs = read_pairs(split_path(data_dir, split))
     entries = []
@@ -454,7 +478,7 @@ def study_translation(models, data_dir, split, sentences, repeats, threads, json
         c = model.config
         sources = [encode_source(tokenizer, p.src)[: c.max_source_len] for p in pairs[:sentences]]
         entries.append(translation_entry(f"L={c.n_loops}", model, tokenizer, sources,
-                                         {"bleu": scores["bleu"], "chrf": scores["chrf"]}))
+                                         {"bleu": scores["bleu"], "chrf": scores["chrf"]}, rows))
     bar, progress = _study_progress(repeats * sum(len(e.engines) for e in entries))
     with bar:
         report = run_study(entries, kind="translation", unit="sentence", repeats=repeats, progress=progress)

@@ -164,39 +164,57 @@ def plot_study(report: StudyReport, path: str | Path, *, quality_key: str, quali
     return _save(fig, Path(path))
 
 
-def decoder_entry(label: str, model, prompts: list[list[int]], new_tokens: int, quality: dict) -> StudyEntry:
-    """A decoder-only model decoding ``prompts`` for ``new_tokens`` each (no EOS)."""
+# Rows a study times by default; others ("speed+correction", ...) come with their options.
+DEFAULT_ENGINES: dict[str, tuple[str, dict]] = {"autoregressive": ("autoregressive", {}), "speed": ("speed", {})}
+
+
+def _supported(model, engines: dict[str, tuple[str, dict]]) -> tuple[str, ...]:
+    """The rows of ``engines`` a model can run (speculation needs an early exit)."""
+    return tuple(name for name, (engine, _) in engines.items()
+                 if engine == "autoregressive" or model.config.has_early_exit)
+
+
+def decoder_entry(label: str, model, prompts: list[list[int]], new_tokens: int, quality: dict,
+                  engines: dict[str, tuple[str, dict]] | None = None) -> StudyEntry:
+    """A decoder-only model decoding ``prompts`` for ``new_tokens`` each (no EOS).
+
+    ``engines``: row name -> (engine, engine options); default autoregressive and speed."""
     from ..engines import generate
 
-    def run(engine: str) -> tuple[float, int, dict]:
+    engines = dict(DEFAULT_ENGINES if engines is None else engines)
+
+    def run(name: str) -> tuple[float, int, dict]:
+        engine, options = engines[name]
         total, units, summed = 0.0, 0, []
         for prompt in prompts:
             begin = time.perf_counter()
-            result = generate(model, prompt, new_tokens, engine=engine)
+            result = generate(model, prompt, new_tokens, engine=engine, **options)
             total += time.perf_counter() - begin
             units += len(result.tokens)
             summed.append(result.stats)
         return total, units, _pool(summed)
 
-    engines = ("autoregressive", "speed") if model.config.has_early_exit else ("autoregressive",)
-    return StudyEntry(label, model.config.n_loops, engines, run, quality)
+    return StudyEntry(label, model.config.n_loops, _supported(model, engines), run, quality)
 
 
-def translation_entry(label: str, model, tokenizer, sources: list[list[int]], quality: dict) -> StudyEntry:
+def translation_entry(label: str, model, tokenizer, sources: list[list[int]], quality: dict,
+                      engines: dict[str, tuple[str, dict]] | None = None) -> StudyEntry:
     """A translator translating ``sources`` (encoded) with the default length limit."""
     from ..encdec.translate import translate_source
 
-    def run(engine: str) -> tuple[float, int, dict]:
+    engines = dict(DEFAULT_ENGINES if engines is None else engines)
+
+    def run(name: str) -> tuple[float, int, dict]:
+        engine, options = engines[name]
         total, summed = 0.0, []
         for ids in sources:
             begin = time.perf_counter()
-            result = translate_source(model, tokenizer, ids, engine=engine)
+            result = translate_source(model, tokenizer, ids, engine=engine, **options)
             total += time.perf_counter() - begin
             summed.append(result.stats)
         return total, len(sources), _pool(summed)
 
-    engines = ("autoregressive", "speed") if model.config.has_early_exit else ("autoregressive",)
-    return StudyEntry(label, model.config.n_loops, engines, run, quality)
+    return StudyEntry(label, model.config.n_loops, _supported(model, engines), run, quality)
 
 
 def _pool(items: list[GenerationStats]) -> dict:
