@@ -27,7 +27,8 @@ class SelfSpeculativeEngine(Engine):
         super().__init__(model)
         if not model.config.has_early_exit:
             raise GenerationError(
-                "the self-speculative engine needs a model with an early exit (n_loops >= 2)")
+                "the self-speculative engine needs a model with an early exit (n_loops >= 2); "
+                "decode this model with the autoregressive engine")
         if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
             raise GenerationError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
         self.draft_tokens = draft_tokens

@@ -195,7 +195,8 @@ class SpeedEngine(Engine):
         c = model.config
         if not c.has_early_exit:
             raise GenerationError(
-                "the speed engine needs a model with an early exit (n_loops >= 2 and exit_loop set)")
+                "the speed engine needs a model with an early exit (n_loops >= 2 and exit_loop set); "
+                "decode this model with the autoregressive engine")
         for name, value in (("early_correction", early_correction), ("adaptive", adaptive)):
             if not isinstance(value, bool):
                 raise GenerationError(f"{name} must be True or False, got {value!r}")
