@@ -164,3 +164,5 @@ def test_kernels_cli_times_every_available_kernel():
         assert all(float(v.rstrip("x")) > 0 for v in r.split()[1:])
     bad = CliRunner().invoke(cli, ["kernels", "--preset", "tiny", "--rounds", "0"])
     assert bad.exit_code == 2 and "--rounds must be >= 1" in bad.stderr
+    bad = CliRunner().invoke(cli, ["kernels", "--preset", "tiny", "--max-rows", "17"])
+    assert bad.exit_code == 2 and "--max-rows must be at most 16" in bad.stderr

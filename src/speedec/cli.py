@@ -19,12 +19,16 @@ from .cli_options import engine_options, sampling_options, speculation_options
 from .config import PRESET_RESIDUAL_SCALE, ModelConfig, preset
 from .devices import DTYPES, parse_device
 from .errors import GenerationError, SpeedecError
+from .kernels import prepare_kernel
 from .model import LoopedLM
 
 
 def load_model(model: str | None, dtype: str, device: str) -> tuple[Path, LoopedLM]:
     directory = resolve_model_dir(model)
-    return directory, LoopedLM.from_pretrained(directory, dtype=DTYPES[dtype], device=parse_device(device))
+    loaded = LoopedLM.from_pretrained(directory, dtype=DTYPES[dtype], device=parse_device(device))
+    prepare_kernel(loaded)
+    return directory, loaded
+
 
 
 def parse_ids(text: str) -> list[int]:
@@ -332,12 +336,15 @@ def kernels(preset_name, model_dir, max_rows, rounds, repeats, threads) -> None:
 
     from .bench.kernels import compare_kernels, format_kernel_table
     from .bench.setup import build_model
-    from .kernels import active_kernel, available_kernels, kernel_choice
+    from .kernels import FEW_ROWS, active_kernel, available_kernels, kernel_choice
 
     for name, value in (("--max-rows", max_rows), ("--rounds", rounds), ("--repeats", repeats),
                         ("--threads", threads)):
         if value < 1:
             raise click.UsageError(f"{name} must be >= 1, got {value}")
+    if max_rows > FEW_ROWS:
+        raise click.UsageError(f"--max-rows must be at most {FEW_ROWS} (more rows always use F.linear), "
+                               f"got {max_rows}")
     torch.set_num_threads(threads)
     if preset_name == "default" and model_dir is None:
         model_dir = str(resolve_model_dir(None))

@@ -8,16 +8,19 @@ development machine (AMD EPYC, AVX2, PyTorch 2.13 CPU with MKL + oneDNN, the
 
 * ``F.linear`` with 2-8 rows: 2-4x slower than one row (no amortisation);
 * oneDNN with the weights reordered once into its blocked layout
-  (``mkldnn._linear_pointwise``): better, still 1.5-2x from 1 to 8 rows;
+  (``mkldnn._linear_pointwise``): better, still 2.4x slower at 8 rows than at
+  one on the membound step (7.7 -> 18.5 ms, ``speedec kernels``);
 * speedec's own AVX2 kernel (``csrc/few_rows.cpp``): streams each weight row
-  once per step for up to six rows, 20-30% faster than oneDNN at one row and
-  nearly flat up to five. It is also batch-invariant: a row's result does not
-  depend on which other rows share the product.
+  once per step for up to six rows; the membound step costs 6.0 ms at one row
+  and 6.3 ms at four (1.3x and 1.5x faster than oneDNN), 8.2 ms at five. It is
+  also batch-invariant: a row's product does not depend on which other rows
+  share it.
 
 The AVX2 kernel is compiled on first use (about 15 s, cached under
 ``$XDG_CACHE_HOME/speedec/kernels``); where it cannot be built or the CPU
 lacks AVX2/FMA, oneDNN is used. ``SPEEDEC_KERNEL`` picks explicitly:
-``auto`` (default), ``avx2``, ``onednn`` or ``torch`` (plain ``F.linear``).
+``auto`` (default: ``avx2``, else oneDNN, else ``W @ x.T``), ``avx2``,
+``onednn`` or ``torch`` (plain ``F.linear``).
 Training (gradients on), other dtypes/devices and many rows always use
 ``F.linear``.
 """
@@ -50,7 +53,9 @@ KERNELS = ("auto", "avx2", "onednn", "torch")
 _SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
 # -fopenmp: at::parallel_for is inlined and uses OpenMP; the library then binds
 # to the libgomp that PyTorch has already loaded (same soname), one thread pool.
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+# -ffp-contract=off: the scalar tail must not be fused into FMAs differently in
+# different template instances (batch invariance is bit for bit).
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
 # None: not tried yet; False: unavailable (reason in _AVX2_ERROR); True: loaded.
 _AVX2: bool | None = None
 _AVX2_ERROR = ""
@@ -104,30 +109,40 @@ def avx2_kernel_available(*, build: bool = True) -> bool:
     return _AVX2
 
 
-# A build interrupted (Ctrl-C, a killed job) leaves PyTorch's lock file behind,
-# and the next build would wait on it forever; a real build takes well under this.
-_STALE_LOCK_S = 600.0
+# A build killed hard (SIGKILL, out of memory) leaves PyTorch's lock file
+# behind, and PyTorch would wait on it forever; a real build takes well under this.
+_STALE_LOCK_S = 300.0
 
 
-def _clear_stale_lock(directory: Path) -> None:
+def _clear_stale_lock(directory: Path, *, poll_s: float = 0.5) -> None:
+    """Wait while another process builds (its lock is fresh); remove a lock older
+    than ``_STALE_LOCK_S`` so that a dead build cannot block this one forever."""
     lock = directory / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-            lock.unlink()
-    except FileNotFoundError:
-        pass
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > _STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll_s)
 
 
 def active_kernel() -> str:
-    """The kernel :func:`linear` uses for a few float32 CPU rows (``avx2``, ``onednn`` or ``torch``)."""
+    """The kernel :func:`linear` uses for a few float32 CPU rows: ``avx2``,
+    ``onednn``, ``torch`` (``F.linear``, only when chosen) or ``matmul``
+    (``W @ x.T``, the fallback when neither of the first two is available)."""
     choice = kernel_choice()
     if choice in ("auto", "avx2") and avx2_kernel_available():
         return "avx2"
     if choice == "avx2":
         raise ConfigError(f"SPEEDEC_KERNEL=avx2 but the kernel is unavailable: {_AVX2_ERROR}")
+    if choice == "onednn" and not _ONEDNN:
+        raise ConfigError("SPEEDEC_KERNEL=onednn but this PyTorch build has no oneDNN linear")
     if choice == "torch":
         return "torch"
-    return "onednn" if _ONEDNN else "torch"
+    return "onednn" if _ONEDNN else "matmul"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -145,8 +160,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return out.reshape(*x.shape[:-1], weight.shape[0])
         if kernel == "torch":
             return F.linear(x, weight)
-        out = torch.ops.mkldnn._linear_pointwise(x2, _onednn_weight(weight), None, "none", [], "")
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        if kernel == "onednn":
+            out = torch.ops.mkldnn._linear_pointwise(x2, _onednn_weight(weight), None, "none", [], "")
+            return out.reshape(*x.shape[:-1], weight.shape[0])
     if rows == 1:  # MKL's GEMV is slow on one thread: pad to two rows
         out = (weight @ torch.cat((x2, x2)).T)[:, :1]  # [out, 1]
     else:
@@ -178,6 +194,13 @@ def use_kernel(name: str) -> Iterator[None]:
         yield
     finally:
         _KERNEL = before
+
+
+def prepare_kernel(model) -> None:
+    """Choose (and on first use build) the few-row kernel for ``model`` now, so
+    that a first-run compile is not counted in the timings of the work that follows."""
+    if model.device.type == "cpu" and model.dtype == torch.float32:
+        active_kernel()
 
 
 def available_kernels() -> list[str]:

@@ -9,9 +9,11 @@
 // Batch invariance: the arithmetic of one output (m, j) — eight lane-wise FMA
 // chains over k in order, then the same horizontal sum and scalar tail — does
 // not depend on M, on the chunk (m) is in, on whether j is paired, or on how
-// the threads split N. A row therefore gets bit-identical results whether it
-// is multiplied alone or together with other rows, which keeps SPEED (several
-// rows per step) token-for-token equal to one-row decoding in float32 too.
+// the threads split N. A row therefore gets bit-identical products whether it
+// is multiplied alone or together with other rows (the scalar tail is built
+// with -ffp-contract=off so that no instance fuses it differently). This
+// removes the largest source of float32 differences between SPEED's batched
+// steps and one-row decoding; attention and other ops are not covered.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>

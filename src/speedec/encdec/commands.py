@@ -26,6 +26,7 @@ import torch
 from ..cli_options import engine_options, sampling_options, speculation_options
 from ..devices import DTYPES, parse_device
 from ..errors import GenerationError, SpeedecError
+from ..kernels import prepare_kernel
 from ..training.commands import config_overrides, run_options, summary_line
 
 ENGINE_HELP = "autoregressive, speed or self-speculative (all give the same translation)."
@@ -93,6 +94,7 @@ def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_t
     _check_engine(engine)
     _set_threads(threads)
     model, tokenizer = load_translator(model_dir, dtype=DTYPES[dtype], device=parse_device(device))
+    prepare_kernel(model)
     result = translate(model, tokenizer, text, engine=engine, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                        **engine_options(draft_tokens, early_correction, guesses, adaptive))
@@ -140,6 +142,7 @@ def eval_translation_command(model_dir, data, split, engine, draft_tokens, early
     if not pairs:
         raise SpeedecError(f"{path} holds no sentence pairs")
     model, tokenizer = load_translator(model_dir, device=parse_device(device))
+    prepare_kernel(model)
     result = evaluate_translation(model, tokenizer, pairs, engine=engine, max_new_tokens=max_new_tokens,
                                   warmup=warmup, progress=not no_progress and not as_json,
                                   **engine_options(draft_tokens, early_correction, guesses, adaptive))
