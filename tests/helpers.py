@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -122,3 +123,20 @@ class CountWeightReads(TorchDispatchMode):
         if "scaled_dot_product" in name or name in ("softmax", "_softmax"):
             self.attention += 1
         return func(*args, **(kwargs or {}))
+
+
+def train_killed_after_step_3(monkeypatch, trainer_module, train_fn, config) -> None:
+    """Run ``train_fn(config)`` while ``trainer_module.train_step`` dies at step 4
+    (the checkpoint is at step 3; step 4 is logged, then the run dies), then
+    undo the test's monkeypatches."""
+    real_step = trainer_module.train_step
+
+    def killed_after_step_3(run, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_step(run, step)
+
+    monkeypatch.setattr(trainer_module, "train_step", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_fn(config, progress=False)
+    monkeypatch.undo()

@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import train_killed_after_step_3
 from speedec.cli import cli
 from speedec.data.parallel import dictionary_pairs, jsonl
 from speedec.encdec import (
@@ -290,17 +291,7 @@ def test_token_budget_becomes_steps(corpus, tmp_path):
 def test_resume_matches_uninterrupted_run(corpus, tmp_path, monkeypatch):
     straight = train_translation(tiny_config(corpus, tmp_path / "a"), progress=False)
 
-    real_step = encdec_trainer.train_step
-
-    def killed_after_step_3(run, step):
-        if step == 4:  # the checkpoint is at step 3; step 4 is logged, then the run dies
-            raise KeyboardInterrupt
-        return real_step(run, step)
-
-    monkeypatch.setattr(encdec_trainer, "train_step", killed_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train_translation(tiny_config(corpus, tmp_path / "b"), progress=False)
-    monkeypatch.undo()
+    train_killed_after_step_3(monkeypatch, encdec_trainer, train_translation, tiny_config(corpus, tmp_path / "b"))
     assert len(events(tmp_path / "b", "train")) == 4
     with pytest.raises(TrainingError, match="already holds a checkpoint"):
         train_translation(tiny_config(corpus, tmp_path / "b"), progress=False)

@@ -12,6 +12,11 @@ from speedec.errors import ConfigError
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def assert_linear_matches_f_linear(x: torch.Tensor, w: torch.Tensor) -> None:
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def kernel(monkeypatch):
     """Select a kernel through SPEEDEC_KERNEL for one test."""
@@ -82,9 +87,7 @@ def test_without_onednn_and_avx2_the_fallback_is_w_at_x(kernel, monkeypatch):
     with pytest.raises(ConfigError, match="no oneDNN"):
         kernel("onednn")
     kernel("auto")
-    x, w = torch.randn(3, 16), torch.randn(8, 16)
-    with torch.inference_mode():
-        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert_linear_matches_f_linear(torch.randn(3, 16), torch.randn(8, 16))
 
 
 def test_unknown_kernel_is_a_config_error(kernel):
@@ -108,10 +111,9 @@ def test_use_kernel_switches_and_restores(kernel):
     before = kernels.active_kernel()
     x = torch.randn(3, 32)
     w = torch.randn(16, 32)
-    with torch.inference_mode():
-        for name in kernels.available_kernels():
-            with kernels.use_kernel(name):
-                torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    for name in kernels.available_kernels():
+        with kernels.use_kernel(name):
+            assert_linear_matches_f_linear(x, w)
     assert kernels.active_kernel() == before
     with pytest.raises(ConfigError, match="kernel must be one of"):
         with kernels.use_kernel("auto"):
@@ -129,9 +131,7 @@ def test_without_avx2_the_kernel_falls_back_with_a_reason(kernel, monkeypatch):
     with pytest.raises(ConfigError, match="SPEEDEC_KERNEL=avx2 but the kernel is unavailable"):
         kernel("avx2")
     kernel("auto")
-    x, w = torch.randn(2, 16), torch.randn(8, 16)
-    with torch.inference_mode():
-        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert_linear_matches_f_linear(torch.randn(2, 16), torch.randn(8, 16))
 
 
 def test_a_failed_build_warns_once_and_falls_back(kernel, monkeypatch, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import train_killed_after_step_3
 from speedec import LoopedLM, ModelConfig
 from speedec.errors import SpeedecError, TrainingError
 from speedec.model import LoopedOutput
@@ -280,17 +281,7 @@ def test_checkpoint_survives_failure_mid_save(corpus, tmp_path, monkeypatch):
 def test_resume_matches_uninterrupted_run(corpus, tmp_path, monkeypatch):
     straight = train(tiny_config(corpus, tmp_path / "a"), progress=False)
 
-    real_step = trainer.train_step
-
-    def killed_after_step_3(run, step):
-        if step == 4:  # the checkpoint is at step 3; step 4 is logged, then the run dies
-            raise KeyboardInterrupt
-        return real_step(run, step)
-
-    monkeypatch.setattr(trainer, "train_step", killed_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(corpus, tmp_path / "b"), progress=False)
-    monkeypatch.undo()
+    train_killed_after_step_3(monkeypatch, trainer, train, tiny_config(corpus, tmp_path / "b"))
     assert len(train_losses(tmp_path / "b")) == 4
     with open(tmp_path / "b" / "metrics.jsonl", "a") as fh:
         fh.write('{"event": "tra')  # a line torn by the kill

@@ -76,11 +76,11 @@ def _kernel_cache_dir() -> Path:
     return base / "speedec" / "kernels" / digest
 
 
-def avx2_kernel_available(*, build: bool = True) -> bool:
-    """Whether speedec's AVX2 few-row kernel is loaded (building it once if ``build``)."""
+def avx2_kernel_available() -> bool:
+    """Whether speedec's AVX2 few-row kernel is loaded (building it on the first call)."""
     global _AVX2, _AVX2_ERROR
-    if _AVX2 is not None or not build:
-        return bool(_AVX2)
+    if _AVX2 is not None:
+        return _AVX2
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         _AVX2, _AVX2_ERROR = False, f"the CPU capability is {capability}, not AVX2"
