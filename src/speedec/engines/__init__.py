@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..errors import GenerationError
 from ..model import LoopedLM
@@ -19,13 +19,18 @@ ENGINES: dict[str, type[Engine]] = {
 }
 
 
-def get_engine(name: str, model: LoopedLM, **options) -> Engine:
+def engine_class(name: str, engines: Mapping[str, type[Engine]] = ENGINES) -> type[Engine]:
+    """The engine registered as ``name`` in ``engines``; an unknown name is a
+    GenerationError that lists the choices."""
     try:
-        cls = ENGINES[name]
+        return engines[name]
     except (KeyError, TypeError):
         raise GenerationError(
-            f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}") from None
-    return cls.create(model, **options)
+            f"unknown engine {name!r}; choose one of: {', '.join(engines)}") from None
+
+
+def get_engine(name: str, model: LoopedLM, **options) -> Engine:
+    return engine_class(name).create(model, **options)
 
 
 def generate(model: LoopedLM, prompt_ids: Sequence[int], max_new_tokens: int, *,
@@ -48,4 +53,4 @@ def generate(model: LoopedLM, prompt_ids: Sequence[int], max_new_tokens: int, *,
         prompt_ids, max_new_tokens, eos_token_id=eos_token_id, on_token=on_token, sampling=sampling)
 
 
-__all__ = ["ENGINES", "Engine", "GenerationResult", "GenerationStats", "generate", "get_engine"]
+__all__ = ["ENGINES", "Engine", "GenerationResult", "GenerationStats", "engine_class", "generate", "get_engine"]

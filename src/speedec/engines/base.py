@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -154,15 +155,23 @@ class Engine(ABC):
         self.model = model
 
     @classmethod
+    def option_names(cls) -> frozenset[str] | None:
+        """The options the engine takes: the keyword parameters of its constructor
+        after the model (None: any, when the constructor takes ``**options``)."""
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[2:]  # after self, model
+        if any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return None
+        return frozenset(p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+    @classmethod
     def create(cls, model: LoopedLM, **options) -> Engine:
         """Build the engine; an option it does not take is a GenerationError."""
-        try:
-            return cls(model, **options)
-        except TypeError as exc:
-            if "unexpected keyword argument" not in str(exc):
-                raise
-            bad = str(exc).split("argument")[-1].strip(" '")
-            raise GenerationError(f"engine {cls.name!r} takes no option {bad!r}") from None
+        accepted = cls.option_names()
+        if accepted is not None:
+            for name in options:
+                if name not in accepted:
+                    raise GenerationError(f"engine {cls.name!r} takes no option {name!r}")
+        return cls(model, **options)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
                  eos_token_id: int | None = None, on_token: TokenCallback | None = None,
