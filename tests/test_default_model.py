@@ -5,7 +5,8 @@ import json
 from click.testing import CliRunner
 
 from speedec import LoopedLM
-from speedec.cli import bundled_model_dir, cli
+from speedec.bundled import bundled_model_dir
+from speedec.cli import cli
 from speedec.tokenizer import BPETokenizer, load_tokenizer
 
 

@@ -21,29 +21,32 @@ import json
 from pathlib import Path
 
 import click
-import torch
 
-from ..cli_options import engine_options, sampling_options, speculation_options
+from ..cli.common import (
+    AT_LEAST_ONE,
+    IntRange,
+    device_option,
+    dtype_option,
+    engine_options,
+    sampling_options,
+    set_threads,
+    speculation_options,
+    threads_option,
+)
 from ..devices import DTYPES, parse_device
+from ..engines import engine_class
 from ..errors import GenerationError, SpeedecError
 from ..kernels import prepare_kernel
 from ..training.commands import config_overrides, run_options, summary_line
 
-ENGINE_HELP = "autoregressive, speed or self-speculative (all give the same translation)."
+ENGINE_HELP = ("autoregressive, speed or self-speculative (greedy: all give the same translation; "
+               "sampling: the same distribution).")
 
 
 def _check_engine(engine: str) -> None:
     from .engines import TRANSLATION_ENGINES
 
-    if engine not in TRANSLATION_ENGINES:
-        raise GenerationError(f"unknown engine {engine!r}; choose one of: {', '.join(TRANSLATION_ENGINES)}")
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise click.UsageError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    engine_class(engine, TRANSLATION_ENGINES)
 
 
 @click.command("train-translation")
@@ -74,14 +77,15 @@ def train_translation_command(config_file, resume, settings, no_progress, **opti
               help="Token limit (default: 2 x source tokens + 10, within the model's max_target_len).")
 @speculation_options
 @sampling_options
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads for PyTorch.")
+@dtype_option
+@device_option
+@threads_option()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
 def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_tokens, early_correction,
                       guesses, adaptive, temperature, top_k, top_p, seed, dtype, device, threads,
                       as_json) -> None:
-    """Translate one sentence with a trained translator (every engine gives the same tokens)."""
+    """Translate one sentence with a trained translator (greedy by default, where every engine
+    gives the same tokens; with --temperature every engine samples from the same distribution)."""
     from .translate import load_translator, translate
 
     if text_arg is not None and text is not None:
@@ -92,7 +96,7 @@ def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_t
     if not text.strip():
         raise GenerationError("the text to translate is empty")
     _check_engine(engine)
-    _set_threads(threads)
+    set_threads(threads)
     model, tokenizer = load_translator(model_dir, dtype=DTYPES[dtype], device=parse_device(device))
     prepare_kernel(model)
     result = translate(model, tokenizer, text, engine=engine, max_new_tokens=max_new_tokens,
@@ -111,13 +115,13 @@ def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_t
 @click.option("--split", default="test", show_default=True, help="Split to translate (with a directory).")
 @click.option("--engine", default="speed", show_default=True, help=ENGINE_HELP)
 @speculation_options
-@click.option("--limit", type=int, default=None, help="Only the first N pairs.")
+@click.option("--limit", type=AT_LEAST_ONE, default=None, help="Only the first N pairs.")
 @click.option("--max-new-tokens", type=int, default=None,
               help="Token limit per sentence (default: 2 x source tokens + 10, within max_target_len).")
-@click.option("--warmup", default=1, show_default=True, type=int,
+@click.option("--warmup", default=1, show_default=True, type=IntRange(min=0),
               help="Untimed translations before measuring.")
-@click.option("--threads", type=int, default=None, help="CPU threads for PyTorch.")
-@click.option("--device", default="cpu", show_default=True)
+@threads_option()
+@device_option
 @click.option("--hypotheses", "hypotheses_file", type=click.Path(dir_okay=False),
               help="Also write the translations here, one a line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -132,11 +136,7 @@ def eval_translation_command(model_dir, data, split, engine, draft_tokens, early
     from .translate import load_translator
 
     _check_engine(engine)
-    if limit is not None and limit < 1:
-        raise click.UsageError(f"--limit must be >= 1, got {limit}")
-    if warmup < 0:
-        raise click.UsageError(f"--warmup must be >= 0, got {warmup}")
-    _set_threads(threads)
+    set_threads(threads)
     path = split_path(data, split)
     pairs = read_pairs(path)[:limit]
     if not pairs:

@@ -1,0 +1,5 @@
+"""``python -m speedec.cli``: the ``speedec`` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,139 @@
+"""``speedec bench`` (engines side by side) and ``speedec kernels`` (matmul kernels side by side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..bundled import resolve_model_dir
+from ..kernels import FEW_ROWS
+from .common import (
+    AT_LEAST_ONE,
+    POSITIVE,
+    IntRange,
+    parse_ids,
+    progress_bar,
+    set_threads,
+    split_list,
+    threads_option,
+)
+
+PRESET_HELP = "membound, membound-deep, tiny, or default (the bundled model)."
+# Rows of transformers' generate on the exported Llama: row name -> what it runs.
+HF_ROWS = {"hf-generate": "generate", "hf-early-exit": "early-exit"}
+
+
+def _model_dir(preset_name: str, model_dir: str | None) -> str | None:
+    """``--model``, or the bundled model for ``--preset default``."""
+    if preset_name == "default" and model_dir is None:
+        return str(resolve_model_dir(None))
+    return model_dir
+
+
+def bench_rows(engines: str, draft_tokens: str) -> tuple[list, list[str]]:
+    """The benchmark rows named by ``--engines`` (specs such as ``speed+correction``; plain
+    ``self-speculative`` is one row per ``--draft-tokens`` value) and notes on rows skipped."""
+    from ..bench.runner import EngineSpec
+    from ..bench.setup import hf_supports_early_exit
+    from ..engines.spec import parse_engine_spec
+
+    specs, notes = [], []
+    for name in split_list(engines):
+        if name in HF_ROWS:
+            if name == "hf-early-exit" and not hf_supports_early_exit():
+                notes.append("the installed transformers has no assistant_early_exit: hf-early-exit skipped")
+            else:
+                specs.append(EngineSpec(name, "hf", HF_ROWS[name]))
+            continue
+        variant = parse_engine_spec(name)
+        if name == "self-speculative":
+            for k in parse_ids(draft_tokens):
+                specs.append(EngineSpec(f"self-speculative k={k}", "ours", name, {"draft_tokens": k}))
+        else:
+            specs.append(EngineSpec(name, "ours", variant.engine, variant.options))
+    return specs, notes
+
+
+@click.command()
+@click.option("--preset", "preset_name", default="membound", show_default=True, help=PRESET_HELP)
+@click.option("--model", "model_dir", default=None, help="Benchmark a saved model instead of a preset.")
+@click.option("--engines", default="autoregressive,speed,self-speculative,hf-generate,hf-early-exit",
+              show_default=True,
+              help="Comma-separated: speedec engines, speed variants (options joined by '+': "
+                   "speed+correction, speed+guesses=2, speed+adaptive, speed+correction+guesses=2+adaptive), "
+                   "hf-generate, hf-early-exit.")
+@click.option("--draft-tokens", default="1,2,3,4", show_default=True,
+              help="k values for self-speculative (one row each).")
+@click.option("--prompts", "n_prompts", default=4, show_default=True, type=AT_LEAST_ONE)
+@click.option("--prompt-len", default=16, show_default=True, type=AT_LEAST_ONE)
+@click.option("--max-new-tokens", default=64, show_default=True, type=AT_LEAST_ONE)
+@click.option("--repeats", default=5, show_default=True, type=AT_LEAST_ONE)
+@click.option("--warmup", default=1, show_default=True, type=int)
+@threads_option(2)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
+@click.option("--plots", "plots_dir", default=None, help="Write PNG plots into this directory.")
+@click.option("--bandwidth-mb", default=400.0, show_default=True, type=float,
+              help="Buffer size for the memory-bandwidth measurement.")
+@click.option("--residual-scale", type=POSITIVE, default=None,
+              help="Random presets: scale of the residual branches (sets the acceptance; "
+                   "default: the preset's).")
+def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, max_new_tokens, repeats,
+          warmup, threads, seed, json_path, plots_dir, bandwidth_mb, residual_scale) -> None:
+    """Measure engines side by side (interleaved, paired) and print a table."""
+    from ..bench import measure_bandwidth, run_benchmark
+    from ..bench.report import format_table, write_json, write_plots
+    from ..bench.setup import build_model, load_hf_peer, make_prompts
+
+    set_threads(threads)
+    model_dir = _model_dir(preset_name, model_dir)
+    if residual_scale is not None and model_dir is not None:
+        raise click.UsageError("--residual-scale takes a positive number and applies to random presets only")
+    specs, notes = bench_rows(engines, draft_tokens)
+    model = build_model(preset_name, seed=seed, model_dir=model_dir, residual_scale=residual_scale)
+    label = preset_name if model_dir is None or preset_name == "default" else Path(model_dir).name
+    if residual_scale is not None:
+        label = f"{label}-rs{residual_scale:g}"
+    hf_model = load_hf_peer(model) if any(s.kind == "hf" for s in specs) else None
+    prompts = make_prompts(model, model_dir, count=n_prompts, length=prompt_len, seed=seed)
+    if len(prompts[0]) + max_new_tokens > model.config.max_seq_len:
+        raise click.UsageError("--prompt-len + --max-new-tokens exceeds the model's max_seq_len")
+    click.echo("measuring memory bandwidth...", err=True)
+    bandwidth = measure_bandwidth(buffer_mb=bandwidth_mb)
+    total = repeats * (len(specs) + (0 if any(s.engine == "autoregressive" for s in specs) else 1))
+    with progress_bar(total, "bench") as progress:
+        report = run_benchmark(model, specs, prompts, max_new_tokens=max_new_tokens, repeats=repeats,
+                               warmup=warmup, hf_model=hf_model, bandwidth=bandwidth, preset=label,
+                               progress=progress)
+    report.notes.extend(notes)
+    click.echo(format_table(report))
+    if json_path:
+        write_json(report, json_path)
+        click.echo(f"wrote {json_path}", err=True)
+    if plots_dir:
+        for path in write_plots(report, plots_dir):
+            click.echo(f"wrote {path}", err=True)
+
+
+@click.command()
+@click.option("--preset", "preset_name", default="membound", show_default=True, help=PRESET_HELP)
+@click.option("--model", "model_dir", default=None, help="Measure a saved model instead of a preset.")
+@click.option("--max-rows", default=8, show_default=True, type=IntRange(1, FEW_ROWS),
+              help=f"Rows in flight: 1..N (at most {FEW_ROWS}: more rows always use F.linear).")
+@click.option("--rounds", default=3, show_default=True, type=AT_LEAST_ONE, help="Interleaved rounds per kernel.")
+@click.option("--repeats", default=5, show_default=True, type=AT_LEAST_ONE,
+              help="Steps timed per row count and round.")
+@threads_option(2)
+def kernels(preset_name, model_dir, max_rows, rounds, repeats, threads) -> None:
+    """Time one step (K layers, float32) against the rows in flight, for each matmul kernel."""
+    from ..bench.kernels import compare_kernels, format_kernel_table
+    from ..bench.setup import build_model
+    from ..kernels import active_kernel, available_kernels, kernel_choice
+
+    set_threads(threads)
+    model = build_model(preset_name, model_dir=_model_dir(preset_name, model_dir))
+    click.echo(f"active kernel: {active_kernel()} (SPEEDEC_KERNEL={kernel_choice()})")
+    with progress_bar(rounds * len(available_kernels()), "kernels", unit="round") as progress:
+        costs = compare_kernels(model, max_rows, rounds=rounds, repeats=repeats, progress=progress)
+    click.echo(format_kernel_table(costs))
