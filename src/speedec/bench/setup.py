@@ -6,8 +6,6 @@ import random
 import tempfile
 from pathlib import Path
 
-import torch
-
 from ..config import PRESET_RESIDUAL_SCALE, preset
 from ..errors import SpeedecError
 from ..hf import export_hf
@@ -68,9 +66,3 @@ def hf_supports_early_exit() -> bool:
     except ImportError:
         return False
     return hasattr(GenerationConfig(), "assistant_early_exit")
-
-
-def threads(n: int | None) -> int:
-    if n is not None:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()

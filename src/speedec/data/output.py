@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
+from speedec import storage
 from speedec.errors import DataError
 
 
@@ -34,35 +34,13 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     return path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
-    temp_name = None
+def atomic_write_text(path: Path, text: str) -> str:
+    """:func:`speedec.storage.atomic_write_text` (returns the sha256 for the
+    manifest), with a failed write reported as a DataError."""
     try:
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as handle:
-            temp_name = handle.name
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-        temp_name = None
+        return storage.atomic_write_text(path, text)
     except OSError as exc:
         raise DataError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        if temp_name is not None:
-            try:
-                os.unlink(temp_name)
-            except OSError:
-                pass
-
-
-def atomic_write_text(path: Path, text: str) -> str:
-    """Write UTF-8 text atomically; return its sha256 for the manifest."""
-    data = text.encode("utf-8")
-    atomic_write_bytes(path, data)
-    return sha256_bytes(data)
 
 
 def manifest_json(manifest: dict) -> str:
