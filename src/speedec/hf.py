@@ -4,6 +4,8 @@ A looped model with K unique layers and L loops is exactly a plain Llama with
 K * L layers whose weights repeat with period K. The export writes that plain
 model (``config.json`` + ``model.safetensors``) without needing
 ``transformers``; ``transformers.LlamaForCausalLM.from_pretrained`` loads it.
+The tensor names are :class:`LlamaConversion`'s table
+(:mod:`speedec.conversion`), which also reads such a checkpoint back.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .config import ModelConfig
+from .conversion import Conversion, Fused
 from .model import LoopedLM
-from .storage import atomic_write, atomic_write_text
+from .storage import CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                 torch.bfloat16: "bfloat16"}
@@ -47,35 +51,37 @@ def hf_config(model: LoopedLM) -> dict:
     }
 
 
-def hf_state_dict(model: LoopedLM) -> dict[str, torch.Tensor]:
-    """Llama tensor names, one copy of the unique layer's weights per virtual layer."""
-    c = model.config
-    H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
-    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
-    if not c.tie_embeddings:
-        out["lm_head.weight"] = model.head_weight
-    for v in range(c.n_virtual_layers):
-        layer = model.layers[v % c.n_unique_layers]
-        p = f"model.layers.{v}."
-        out[p + "input_layernorm.weight"] = layer.attn_norm.weight
-        out[p + "post_attention_layernorm.weight"] = layer.mlp_norm.weight
-        out[p + "self_attn.q_proj.weight"] = layer.wqkv[: H * hd]
-        out[p + "self_attn.k_proj.weight"] = layer.wqkv[H * hd: (H + Hkv) * hd]
-        out[p + "self_attn.v_proj.weight"] = layer.wqkv[(H + Hkv) * hd:]
-        out[p + "self_attn.o_proj.weight"] = layer.wo
-        out[p + "mlp.gate_proj.weight"] = layer.w_gate_up[: c.ffn_dim]
-        out[p + "mlp.up_proj.weight"] = layer.w_gate_up[c.ffn_dim:]
-        out[p + "mlp.down_proj.weight"] = layer.w_down
-    # safetensors needs separate, contiguous storage for every name.
-    return {name: t.detach().to("cpu").contiguous().clone() for name, t in out.items()}
+def _attention_rows(c: ModelConfig) -> tuple[int, int, int]:
+    return c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim
+
+
+class LlamaConversion(Conversion):
+    """transformers' ``LlamaForCausalLM``: every virtual layer stored as a layer of its own."""
+
+    name = "llama"
+    globals = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+               "lm_head": "lm_head.weight"}  # lm_head only when untied
+    layer_prefix = "model.layers.{i}."
+    layer = {
+        "attn_norm.weight": "input_layernorm.weight",
+        "mlp_norm.weight": "post_attention_layernorm.weight",
+        "wqkv": Fused(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+                      _attention_rows),
+        "wo": "self_attn.o_proj.weight",
+        "w_gate_up": Fused(("mlp.gate_proj.weight", "mlp.up_proj.weight"), lambda c: (c.ffn_dim, c.ffn_dim)),
+        "w_down": "mlp.down_proj.weight",
+    }
+    unrolled = True
+    # The exit readout only reads drafts at the early exit; the final output does not use it.
+    not_exported = ("exit_readout.",)
 
 
 def export_hf(model: LoopedLM, directory: str | Path) -> Path:
     """Write ``model`` as a Hugging Face Llama checkpoint in ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = hf_state_dict(model)
-    atomic_write(directory / "model.safetensors",
+    tensors = LlamaConversion.from_ours(model)
+    atomic_write(directory / WEIGHTS_FILE,
                  lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write_text(directory / "config.json", json.dumps(hf_config(model), indent=2) + "\n")
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(hf_config(model), indent=2) + "\n")
     return directory
