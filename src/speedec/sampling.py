@@ -4,7 +4,7 @@ A speculative engine draws its guess ``x`` from the early-exit distribution
 ``q`` and, once the final distribution ``p`` of the same position is known,
 keeps it with probability ``min(1, p(x) / q(x))``; on rejection it draws from
 ``normalize(max(p - q, 0))``. The token that results is distributed exactly
-as ``p`` (DESIGN.md section 2), so every engine samples the same distribution
+as ``p`` (docs/design.md §5), so every engine samples the same distribution
 as plain autoregressive sampling. ``p`` and ``q`` are both processed the same
 way (temperature, then top-k, then top-p) before the rule is applied.
 """

@@ -53,7 +53,7 @@ def write_json(report: BenchReport, path: str | Path) -> None:
 
 
 def cost_model_speedup(acceptance: float, exit_loop: int, n_loops: int) -> float:
-    """DESIGN.md section 2: L / (a * e + (1 - a) * L) steps, before LM-head and batch costs."""
+    """docs/design.md §3: L / (a * e + (1 - a) * L) steps, before LM-head and batch costs."""
     return n_loops / (acceptance * exit_loop + (1 - acceptance) * n_loops)
 
 

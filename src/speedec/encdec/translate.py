@@ -5,8 +5,9 @@
 normalised as the corpus was (:func:`speedec.data.clean.normalize_text`, one
 line), encoded with the model's shared BPE, and decoded by
 :func:`~speedec.encdec.translate_ids` until the tokenizer's
-``<|endoftext|>`` or the token limit. Every engine gives the same tokens
-(greedy); they differ in speed.
+``<|endoftext|>`` or the token limit. Greedy, every engine gives the same
+tokens; sampling, every engine draws from the same distribution. They differ
+in speed.
 """
 
 from __future__ import annotations
