@@ -81,3 +81,25 @@ def test_export_refuses_tensors_without_a_place():
     model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
     with pytest.raises(ConfigError, match="a llama checkpoint has no place for extra"):
         LlamaConversion.from_ours(model)
+
+
+class LoopedLlama(LlamaConversion):
+    """A checkpoint that stores the K unique layers once, with a tensor speedec does not use."""
+
+    name = "looped-llama"
+    unrolled = False
+    not_imported = ("model.early_exit_gate.",)
+
+
+def test_a_table_of_unique_layers_round_trips():
+    config = TINY.replace(tie_embeddings=False)
+    model = LoopedLM.random(config, seed=4)
+    theirs = LoopedLlama.from_ours(model)
+    assert len([n for n in theirs if n.endswith("o_proj.weight")]) == config.n_unique_layers
+    theirs["model.early_exit_gate.weight"] = torch.zeros(1, config.d_model)
+    ours = LoopedLlama.to_ours(theirs, config)
+    assert ours.keys() == model.state_dict().keys()
+    assert all(torch.equal(ours[n], t) for n, t in model.state_dict().items())
+    with pytest.raises(ModelLoadError, match="no place in speedec for llama tensor"):
+        LlamaConversion.to_ours(LlamaConversion.from_ours(model) | {"model.early_exit_gate.weight": torch.zeros(1)},
+                                config)

@@ -9,7 +9,9 @@ One :class:`Conversion` subclass per external architecture holds its table:
   q/k/v and gate/up);
 * ``unrolled``: whether their layer ``i`` is our *virtual* layer ``i`` (every
   unique layer stored once per loop, as in a plain Llama with K * L layers)
-  or our unique layer ``i`` (a looped checkpoint that stores K layers).
+  or our unique layer ``i`` (a looped checkpoint that stores K layers);
+* ``not_exported`` / ``not_imported``: prefixes of tensors one side has and
+  the other deliberately does without.
 
 :meth:`Conversion.from_ours` and :meth:`Conversion.to_ours` read the same
 table in opposite directions (export, import), and both are strict: a tensor
@@ -52,6 +54,8 @@ class Conversion:
     # Prefixes of our tensors that the architecture has no place for and that the
     # final output does not depend on: left out of an export.
     not_exported: ClassVar[tuple[str, ...]] = ()
+    # Prefixes of their tensors that speedec has no use for: left out of an import.
+    not_imported: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def their_layers(cls, config: ModelConfig) -> int:
@@ -108,7 +112,7 @@ class Conversion:
                 elif not torch.equal(out[key], tensor):
                     raise ModelLoadError(f"{names[0]} differs from layer {i % K}'s: not a looped model "
                                          f"with {K} unique layers")
-        unused = sorted(set(tensors) - used)
+        unused = sorted(n for n in set(tensors) - used if not n.startswith(cls.not_imported))
         if unused:
             raise ModelLoadError(f"no place in speedec for {cls.name} tensor(s) {', '.join(unused[:5])}")
         return out
