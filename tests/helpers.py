@@ -11,8 +11,13 @@ from speedec import LoopedLM, ModelConfig
 
 def random_model(config: ModelConfig, *, seed: int = 0, std: float = 0.5, residual_scale: float = 3.0,
                  dtype: torch.dtype = torch.float64) -> LoopedLM:
-    """A random model with enough signal that its greedy output varies (not one repeated token)."""
-    return LoopedLM.random(config, seed=seed, std=std, residual_scale=residual_scale).to(dtype)
+    """A random model with enough signal that its greedy output varies (not one repeated token).
+    An exit readout gets a random adapter too, so that it reads differently from the shared exit."""
+    model = LoopedLM.random(config, seed=seed, std=std, residual_scale=residual_scale)
+    if model.exit_readout is not None:
+        with torch.no_grad():
+            model.exit_readout.up.normal_(0.0, std, generator=torch.Generator().manual_seed(seed + 1))
+    return model.to(dtype)
 
 
 def small_config(**overrides) -> ModelConfig:

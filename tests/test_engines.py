@@ -21,11 +21,13 @@ def configs(draw):
     n_heads = n_kv * draw(st.integers(1, 3))
     head_dim = draw(st.sampled_from([2, 4, 8]))
     n_loops = draw(st.integers(2, 5))
+    d_model = n_heads * head_dim
     return ModelConfig(
-        vocab_size=draw(st.integers(3, 64)), d_model=n_heads * head_dim, n_heads=n_heads, n_kv_heads=n_kv,
+        vocab_size=draw(st.integers(3, 64)), d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv,
         ffn_dim=draw(st.integers(2, 48)), n_unique_layers=draw(st.integers(1, 3)), n_loops=n_loops,
         exit_loop=draw(st.integers(1, n_loops - 1)), max_seq_len=96,
-        tie_embeddings=draw(st.booleans()))
+        tie_embeddings=draw(st.booleans()), loop_embedding=draw(st.booleans()),
+        exit_readout_rank=draw(st.sampled_from([None, None, 1, d_model])))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -18,7 +18,14 @@ from .errors import ConfigError
 
 
 class JsonConfig:
-    """Dict/JSON round trips for frozen config dataclasses, validated on the way in."""
+    """Dict/JSON round trips for frozen config dataclasses, validated on the way in.
+
+    Fields named in ``OMIT_AT_DEFAULT`` (added after the format was first
+    written) are written only when they differ from their default, so the
+    files of models that do not use them stay exactly as they were.
+    """
+
+    OMIT_AT_DEFAULT: tuple[str, ...] = ()
 
     def replace(self, **changes: Any):
         """A copy with some fields changed (validated again)."""
@@ -28,7 +35,12 @@ class JsonConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in self.OMIT_AT_DEFAULT:
+            if data[name] == defaults[name]:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any):
@@ -79,6 +91,16 @@ class ModelConfig(JsonConfig):
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # A learned vector per loop added to the hidden state as each loop begins
+    # (L x d_model parameters; lets the shared layers tell the loops apart).
+    loop_embedding: bool = False
+    # Rank of the exit readout (the drafter): parameters used only at the
+    # early exit (its own norms and a low-rank residual adapter in front of
+    # the shared LM head), trained to agree with the final loop. None: the
+    # exit reads the hidden state through the final norm and head.
+    exit_readout_rank: int | None = None
+
+    OMIT_AT_DEFAULT = ("loop_embedding", "exit_readout_rank")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "ffn_dim",
@@ -92,8 +114,16 @@ class ModelConfig(JsonConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "loop_embedding"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.exit_readout_rank is not None:
+            rank = self.exit_readout_rank
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.d_model:
+                raise ConfigError(f"exit_readout_rank must be an integer from 1 to d_model "
+                                  f"({self.d_model}) or null, got {rank!r}")
+            if self.exit_loop is None:
+                raise ConfigError("exit_readout_rank needs an early exit (exit_loop); set it to null")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")

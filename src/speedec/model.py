@@ -307,6 +307,45 @@ class LoopedLayer(nn.Module):
         return x + linear(hidden, self.w_down)
 
 
+class ExitReadout(nn.Module):
+    """The drafter: parameters used only at the early exit.
+
+    ``features(h) = out_norm(h + up(silu(down(norm(h)))))``, then the shared LM
+    head. A low-rank residual adapter (``2 * rank * d_model`` weights) lets the
+    exit's prediction move towards the final loop's without asking the shared
+    layers to make loop ``exit_loop`` a finished answer. ``up`` starts at zero
+    and ``out_norm`` as a copy of the final norm (:meth:`start_from`), so a
+    fresh readout reads exactly what the shared exit reads. Verification is
+    always against the final loop, so exactness never depends on it.
+    """
+
+    def __init__(self, d_model: int, rank: int, eps: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(d_model, eps)
+        self.down = nn.Parameter(torch.empty(rank, d_model))
+        self.up = nn.Parameter(torch.zeros(d_model, rank))
+        self.out_norm = RMSNorm(d_model, eps)
+
+    def reset_parameters(self, final_norm: RMSNorm, *, std: float,
+                         generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            self.norm.weight.fill_(1.0)
+            self.down.normal_(0.0, std, generator=generator)
+            self.up.zero_()
+        self.start_from(final_norm)
+
+    def start_from(self, final_norm: RMSNorm) -> None:
+        """Make the readout equal to the shared exit: adapter off, final norm's gains."""
+        with torch.no_grad():
+            self.up.zero_()
+            self.out_norm.weight.copy_(final_norm.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` hidden state after the exit loop -> ``[..., D]`` features for the head."""
+        adapter = linear(F.silu(linear(self.norm(x), self.down)), self.up)  # [..., rank] -> [..., D]
+        return self.out_norm(x + adapter)
+
+
 @dataclass(frozen=True)
 class LoopedOutput:
     """Result of the training/evaluation forward."""
@@ -314,14 +353,59 @@ class LoopedOutput:
     # [B, T, V] logits after all loops.
     logits: torch.Tensor
     # Loop count -> [B, T, V] logits read out after that many loops (early
-    # exits), for the loops requested.
+    # exits through the shared norm and head), for the loops requested.
     loop_logits: dict[int, torch.Tensor]
+    # [B, T, V] the exit readout's (drafter's) logits when requested and the
+    # model has one; computed from a detached hidden state and head, so its
+    # loss trains the readout alone.
+    draft_logits: torch.Tensor | None = None
 
 
 class LoopedModelBase(nn.Module):
     """What the decoder-only and encoder-decoder models share: reproducible
     random construction and the dtype/device/LM-head accessors engines use.
-    Subclasses define ``reset_parameters``, ``embed`` and ``lm_head``."""
+    Subclasses define ``reset_parameters``, ``embed``, ``norm`` and ``lm_head``,
+    and may set ``exit_readout`` (an :class:`ExitReadout`) and
+    ``loop_embedding`` (``[L, D]``)."""
+
+    def init_loop_parameters(self, config) -> None:
+        """Create the optional per-loop parameters ``config`` asks for (absent: None)."""
+        if getattr(config, "loop_embedding", False):
+            self.loop_embedding = nn.Parameter(torch.zeros(config.n_loops, config.d_model))
+        else:
+            self.register_parameter("loop_embedding", None)
+        rank = getattr(config, "exit_readout_rank", None)
+        self.exit_readout = None if rank is None else ExitReadout(config.d_model, rank, config.norm_eps)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: ``[..., D] -> [..., V]`` (also the shared readout of any loop)."""
+        return linear(self.norm(x), self.head_weight)
+
+    def exit_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the early exit (the drafts): through the exit readout when the
+        model has one, else the same as :meth:`head`."""
+        if self.exit_readout is None:
+            return self.head(x)
+        return linear(self.exit_readout(x), self.head_weight)
+
+    def head_and_exit(self, final: torch.Tensor, exit_rows: torch.Tensor) -> torch.Tensor:
+        """``[n, D]`` rows read by the shared head and ``[m, D]`` rows read at the exit,
+        in one LM-head matmul: ``[n + m, V]``."""
+        if not len(exit_rows):
+            return self.head(final)
+        if not len(final):
+            return self.exit_head(exit_rows)
+        if self.exit_readout is None:
+            return self.head(torch.cat((final, exit_rows)))
+        features = torch.cat((self.norm(final), self.exit_readout(exit_rows)))
+        return linear(features, self.head_weight)
+
+    def begin_loop(self, x: torch.Tensor, loops: torch.Tensor | int) -> torch.Tensor:
+        """The state entering a loop: plus that loop's embedding when the model has one.
+        ``loops``: the loop index (0-based) of the rows, an int or ``[G, 1, 1]``."""
+        if self.loop_embedding is None:
+            return x
+        return x + self.loop_embedding[loops]
 
     @classmethod
     def random(cls, config, *, seed: int = 0, residual_scale: float = 1.0,
@@ -356,6 +440,7 @@ class LoopedLM(LoopedModelBase):
             self.lm_head = None
         else:
             self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.d_model))
+        self.init_loop_parameters(config)
         self.register_buffer(
             "rope", rope_table(config.max_seq_len, config.head_dim, config.rope_theta),
             persistent=False)
@@ -380,6 +465,10 @@ class LoopedLM(LoopedModelBase):
                 layer.attn_norm.weight.fill_(1.0)
                 layer.mlp_norm.weight.fill_(1.0)
             self.norm.weight.fill_(1.0)
+            if self.loop_embedding is not None:
+                self.loop_embedding.normal_(0.0, std, generator=generator)
+        if self.exit_readout is not None:
+            self.exit_readout.reset_parameters(self.norm, std=std, generator=generator)
 
     def save_pretrained(self, directory) -> None:
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
@@ -396,11 +485,14 @@ class LoopedLM(LoopedModelBase):
         return from_pretrained(directory, dtype=dtype, device=device)
 
     # --------------------------------------------------------------- training
-    def forward(self, tokens: torch.Tensor, *, output_loops: tuple[int, ...] = ()) -> LoopedOutput:
+    def forward(self, tokens: torch.Tensor, *, output_loops: tuple[int, ...] = (),
+                output_draft: bool = False) -> LoopedOutput:
         """Whole sequences ``tokens [B, T]`` at positions 0..T-1, causal, no cache.
 
         ``output_loops``: loop counts (1..L-1) after which to also read out
-        logits (the early exits used by the training loss).
+        logits through the shared head (the early exits used by the training
+        loss). ``output_draft``: also the exit readout's logits (models with
+        one), from the exit loop's state and the head with gradients cut.
         """
         c = self.config
         B, T = tokens.shape
@@ -423,17 +515,19 @@ class LoopedLM(LoopedModelBase):
 
         x = self.embed(tokens)
         loop_logits = {}
+        draft_logits = None
         for loop in range(c.n_loops):
+            x = self.begin_loop(x, loop)
             for layer in self.layers:
                 x = layer(x, cos, sin, attend)
             if loop + 1 in output_loops:
                 loop_logits[loop + 1] = self.head(x)
-        return LoopedOutput(logits=self.head(x), loop_logits=loop_logits)
+            if output_draft and self.exit_readout is not None and loop + 1 == c.exit_loop:
+                # The trunk and the head get no gradient from the drafter's loss.
+                draft_logits = linear(self.exit_readout(x.detach()), self.head_weight.detach())
+        return LoopedOutput(logits=self.head(x), loop_logits=loop_logits, draft_logits=draft_logits)
 
     # ---------------------------------------------------------------- engines
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: ``[..., D] -> [..., V]`` (also the early exit)."""
-        return linear(self.norm(x), self.head_weight)
 
     def layout(self, positions: list[list[int]], loops: list[int] | tuple[int, ...]) -> StepLayout:
         """Describe G groups of T rows: ``positions[g][t]``, group g at loop ``loops[g]``."""
@@ -450,7 +544,15 @@ class LoopedLM(LoopedModelBase):
         spare rows (see :class:`SpareRows`), in the same matmuls.
         """
         cos, sin = step_rope(layout, spares)
+        loops = None
+        if self.loop_embedding is not None:
+            loops = torch.tensor(layout.loops, device=x.device).repeat_interleave(layout.rows)  # [G*T]
+            loops = loops.view(layout.groups, layout.rows)  # [G, T]
+            if spares is not None:
+                loops = torch.cat((loops, spares.loops[:, None]))  # [G + S, 1]
         for shift in range(n_loops):
+            if loops is not None:
+                x = self.begin_loop(x, loops + shift)  # [G, T, D] + [G, T, D]
             attention = step_attention(cache, layout, shift, spares)
             for k_unique, layer in enumerate(self.layers):
                 x = layer(x, cos, sin, partial(attention, k_unique))

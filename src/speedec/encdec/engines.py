@@ -26,6 +26,7 @@ import torch
 
 from ..cache import KVCache
 from ..config import ModelConfig
+from ..engines import engine_class
 from ..engines.autoregressive import AutoregressiveEngine
 from ..engines.base import Engine, GenerationResult, TokenCallback, prefill
 from ..engines.self_speculative import SelfSpeculativeEngine
@@ -82,6 +83,12 @@ class ConditionedDecoder:
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.head(x)
 
+    def exit_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.exit_head(x)
+
+    def head_and_exit(self, final: torch.Tensor, exit_rows: torch.Tensor) -> torch.Tensor:
+        return self.model.head_and_exit(final, exit_rows)
+
 
 def validate_translation(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
                          eos_token_id: int | None, bos_token_id: int) -> list[int]:
@@ -125,7 +132,8 @@ def translate_ids(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_ne
     """Translation of one source sentence: up to ``max_new_tokens`` target ids
     (greedy, or sampled with ``temperature > 0`` as in :func:`speedec.generate`).
 
-    All engines return the same tokens (exactly, in float64); they differ in
+    Greedy, all engines return the same tokens (exactly, in float64); sampling, the
+    same distribution; they differ in
     speed. ``bos_token_id`` is the decoder start token (the config's when
     None); it is not part of the result. ``on_token`` sees each token as soon as
     it is verified; ``engine_options`` go to the engine (``draft_tokens`` for
@@ -133,11 +141,7 @@ def translate_ids(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_ne
     and ``prefill_s`` covers the encoder, the cross-attention keys/values and
     the start token's pass through the decoder.
     """
-    try:
-        engine_cls = TRANSLATION_ENGINES[engine]
-    except (KeyError, TypeError):
-        raise GenerationError(
-            f"unknown engine {engine!r}; choose one of: {', '.join(TRANSLATION_ENGINES)}") from None
+    engine_cls = engine_class(engine, TRANSLATION_ENGINES)
     bos = model.config.bos_token_id if bos_token_id is None else bos_token_id
     src = validate_translation(model, src_ids, max_new_tokens, eos_token_id, bos)
     begin = time.perf_counter()

@@ -91,10 +91,6 @@ class EncoderMemory:
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
 
-    @property
-    def source_len(self) -> int:
-        return self.keys[0].shape[2]
-
     def attend(self, unique_layer: int, q: torch.Tensor) -> torch.Tensor:
         """Cross-attention of queries ``q [..., H, hd]`` -> ``[..., H*hd]``.
 
@@ -188,6 +184,7 @@ class EncDecLM(LoopedModelBase):
         self.decoder_layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_unique_layers))
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = None if c.tie_embeddings else nn.Parameter(torch.empty(c.vocab_size, c.d_model))
+        self.init_loop_parameters(c)  # none today: the translators have no per-loop parameters
         self.register_buffer("encoder_rope", rope_table(c.max_source_len, c.head_dim, c.rope_theta),
                              persistent=False)
         self.register_buffer("decoder_rope", rope_table(c.max_target_len, c.head_dim, c.rope_theta),
@@ -223,7 +220,7 @@ class EncDecLM(LoopedModelBase):
 
     def save_pretrained(self, directory) -> None:
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
-        from .storage import save_pretrained
+        from ..storage import save_pretrained
 
         save_pretrained(self, directory)
 
@@ -231,9 +228,9 @@ class EncDecLM(LoopedModelBase):
     def from_pretrained(cls, directory, *, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> EncDecLM:
         """Load a model saved by :meth:`save_pretrained`; errors name the bad file."""
-        from .storage import from_pretrained
+        from ..storage import ENCDEC_LM, from_pretrained
 
-        return from_pretrained(directory, dtype=dtype, device=device)
+        return from_pretrained(directory, ENCDEC_LM, dtype=dtype, device=device)
 
 
     # ---------------------------------------------------------------- encoder
@@ -303,10 +300,6 @@ class EncDecLM(LoopedModelBase):
         return EncDecOutput(logits=self.head(x), loop_logits=loop_logits)
 
     # ---------------------------------------------------------------- engines
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: ``[..., D] -> [..., V]`` (also the early exit)."""
-        return linear(self.norm(x), self.head_weight)
-
     def decoder_layout(self, positions: Sequence[Sequence[int]], loops: Sequence[int]) -> StepLayout:
         """Describe G groups of T decoder rows: ``positions[g][t]``, group g at loop ``loops[g]``.
 

@@ -62,10 +62,10 @@ class TranslationConfig(RecipeConfig):
         if self.model is not None:
             config = self.model
         else:
-            from .storage import load_config
+            from ..storage import ENCDEC_LM, load_config
 
             try:
-                config = load_config(self.init_from)
+                config = load_config(self.init_from, ENCDEC_LM)
             except Exception as exc:  # ModelLoadError: a user's bad path
                 raise TrainingError(f"init_from: {exc}") from None
         self.check_loss_weights(config)

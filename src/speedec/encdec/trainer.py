@@ -27,7 +27,7 @@ from ..errors import DataError, TrainingError
 from ..tokenizer import BPETokenizer
 from ..training.checkpoint import CHECKPOINT_DIR
 from ..training.distributed import Distributed, autocast, pick_device
-from ..training.loss import LossWeights, looped_loss, loss_loops
+from ..training.loss import LossSchedule, looped_loss, loss_loops
 from ..training.trainer import (
     RunCore,
     TrainSummary,
@@ -117,7 +117,6 @@ def setup_translation_run(config: TranslationConfig, resume: bool) -> Translatio
     model = initial_model(config, checkpoint, EncDecLM, model_config, dist.device)
     optimizer = build_optimizer(model, config)
     start_step, start_tokens, start_elapsed_s = restore_state(checkpoint, optimizer)
-    weights = LossWeights(exit_weight=config.exit_weight, all_loops_weight=config.all_loops_weight)
     metrics = open_output(config, dist, start_step)
     if checkpoint is None:  # a fresh run: drop even the step-0 data event of an earlier, killed start
         metrics.truncate_after(-1)
@@ -127,7 +126,7 @@ def setup_translation_run(config: TranslationConfig, resume: bool) -> Translatio
                        "batches_per_epoch": sampler.batches_per_epoch, "total_steps": total_steps})
     return TranslationRun(
         config=config, dist=dist, model=model, optimizer=optimizer, schedule=schedule_of(config, total_steps),
-        weights=weights, output_loops=loss_loops(model.config, weights), tokenizer_file=tokenizer_file,
+        losses=LossSchedule.from_recipe(config, model.config, total_steps), tokenizer_file=tokenizer_file,
         out_dir=out_dir, metrics=metrics, total_steps=total_steps, start_step=start_step,
         start_tokens=start_tokens, start_elapsed_s=start_elapsed_s,
         resumed_from=start_step if checkpoint is not None else None,
@@ -135,14 +134,16 @@ def setup_translation_run(config: TranslationConfig, resume: bool) -> Translatio
 
 
 def train_step(run: TranslationRun, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One optimizer step on the batch of ``step``; returns the ``[4]`` loss parts, the
+    """One optimizer step on the batch of ``step``; returns the ``[5]`` loss parts, the
     gradient norm (both on the device) and the real tokens of the batch."""
     set_learning_rate(run, step)
     batch = make_batch(run.train_pairs, run.sampler.indices(step), bos=run.bos, eos=run.eos,
                        pad=run.pad).to(run.dist.device)
+    weights = run.losses.at(step, run.model.config.n_loops)
     with autocast(run.dist.device):
-        out = run.model(batch.src, batch.src_mask, batch.tgt_in, output_loops=run.output_loops)
-        loss = looped_loss(out, batch.targets, run.model.config, run.weights)
+        out = run.model(batch.src, batch.src_mask, batch.tgt_in,
+                        output_loops=loss_loops(run.model.config, weights))
+        loss = looped_loss(out, batch.targets, run.model.config, weights)
     loss.total.backward()
     return loss_parts(loss), apply_update(run), batch.tokens
 

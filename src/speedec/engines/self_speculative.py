@@ -51,7 +51,7 @@ class SelfSpeculativeEngine(Engine):
                 x = model.embed(torch.tensor([[tokens[i]]], device=model.device))  # [1, 1, D]
                 hidden.append(model.run_loops(x, model.layout([[pos + i]], [0]), cache, exit_loop))
                 if i < k:
-                    exit_logits = model.head(hidden[-1][0, 0])
+                    exit_logits = model.exit_head(hidden[-1][0, 0])
                     stats.lm_head_calls += 1
                     if sampler.greedy:
                         tokens.append(int(exit_logits.argmax()))  # deliberate sync per guess

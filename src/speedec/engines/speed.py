@@ -2,7 +2,7 @@
 
 Tokens in flight ("slots") sit at different loops of the same K unique layers,
 so one pass over those layers (a *step*) serves all of them as one batch. After
-each step (DESIGN.md section 2):
+each step (docs/design.md §2):
 
 1. verify — the oldest slot, having completed L loops, retires; its final
    logits give the verified next token. If the next slot holds that token it
@@ -124,7 +124,7 @@ class SpeculationPolicy:
 
     It tracks ``a_b``, the rate at which the verified token is among the exit's
     b best candidates (moving averages over about ``window`` verifications,
-    starting optimistic), and combines the cost model of DESIGN.md section 2
+    starting optimistic), and combines the cost model of docs/design.md §3
     with measured step costs ``t(n)`` for n rows in flight. With ``depth =
     ceil(L / e)`` guesses in flight: no guessing costs ``L t(1)`` per token; b
     candidates cost ``s_b t(depth + (depth - 1)(b - 1))`` where
@@ -306,11 +306,13 @@ class SpeedEngine(Engine):
                       if self.early_correction else [])
             # Spares of the retiring slot's successor may take its place: read them too.
             rivals = [j for j, sp in enumerate(spares) if sp.pos == oldest.pos + 1] if wants_final else []
-            rows = ([G - 1] if wants_final else []) + checks + ([0] if wants_draft else [])
-            if not rows:
+            rows = ([G - 1] if wants_final else []) + checks
+            if not rows and not wants_draft:
                 continue
             hidden = x[rows, 0] if not rivals else torch.cat((x[rows, 0], xs[rivals, 0]))
-            logits = model.head(hidden)  # one LM-head matmul: [len(rows) + len(rivals), V]
+            # One LM-head matmul: [len(rows) + len(rivals) (+ 1 draft row, read at the exit), V].
+            logits = model.head_and_exit(hidden, x[:1, 0] if wants_draft else x[:0, 0])
+            draft_row = len(rows) + len(rivals)
             stats.lm_head_calls += 1
             greedy_ids = logits.argmax(-1).tolist() if sampler.greedy else None  # deliberate host sync
             row = 0
@@ -378,7 +380,7 @@ class SpeedEngine(Engine):
                 break
 
             if wants_draft and not corrected:
-                launch(newest.pos, logits[row], greedy_ids[row] if greedy_ids else None)
+                launch(newest.pos, logits[draft_row], greedy_ids[draft_row] if greedy_ids else None)
 
         stats.drafts_discarded += sum(s.is_draft for s in slots)
         stats.mean_in_flight = rows_total / stats.steps if stats.steps else 0.0

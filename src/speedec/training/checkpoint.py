@@ -34,13 +34,13 @@ import torch
 from ..errors import TrainingError
 from ..model import LoopedLM
 from ..storage import atomic_write, atomic_write_text
+from ..tokenizer import TOKENIZER_FILE
 from .config import RecipeConfig, TrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
 POINTER_FILE = "latest"
 STATE_FILE = "training_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
-TOKENIZER_FILE = "tokenizer.json"
 _STEP_PREFIX = "step-"
 _TMP_PREFIX = ".tmp-"
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
+
+from ..cli.common import set_threads, threads_option
 
 # Command-line options that override a field of the config file (option -> field).
 _OVERRIDES = ("out_dir", "max_steps", "max_tokens", "threads", "seed", "lr", "batch_size",
@@ -37,13 +38,6 @@ def parse_settings(settings: tuple[str, ...]) -> dict[str, Any]:
         except json.JSONDecodeError:
             parsed[name.strip()] = raw
     return parsed
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise click.UsageError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
 
 
 def run_options(config_help: str, batch_help: str):
@@ -132,7 +126,7 @@ def train_command(config_file, resume, settings, no_progress, **options) -> None
               help="Validation windows scored per loop.")
 @click.option("--seq-len", default=256, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--threads", type=int, help="CPU threads for PyTorch.")
+@threads_option()
 def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_tokens, windows,
                  seq_len, batch_size, threads) -> None:
     """Per-loop perplexity, exit/final agreement and SPEED acceptance of a model."""
@@ -141,7 +135,7 @@ def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_toke
     from ..tokenizer import load_tokenizer
     from .evaluate import evaluate_model
 
-    _set_threads(threads)
+    set_threads(threads)
     model_dir = resolve_model_dir(model_dir)
     model = LoopedLM.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)

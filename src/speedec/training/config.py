@@ -40,6 +40,9 @@ RUNTIME_FIELDS = frozenset({"out_dir", "eval_every", "eval_batches", "log_every"
 
 DEVICES = ("auto", "cpu", "cuda")
 
+# Schedules of the intermediate readouts' loss weights (speedec.training.loss).
+SCHEDULES = ("constant", "ramp", "curriculum")
+
 
 @dataclass(frozen=True, kw_only=True)
 class RecipeConfig:
@@ -76,9 +79,24 @@ class RecipeConfig:
     beta2: float = 0.95
     # Global gradient-norm clip; null for none.
     grad_clip: float | None = 1.0
-    # Loss = CE(final) + exit_weight * CE(exit loop) + all_loops_weight * mean CE(loops 1..L-1).
+    # Loss = CE(final) + sum over loops l = 1..L-1 of s_l(step) * w_l * CE(readout after l)
+    #        + draft_weight * distill(final -> exit readout), with
+    # w_l = exit_weight [l = exit_loop] + all_loops_weight / (L - 1) + loop_weights[l - 1]
+    # (see speedec.training.loss).
     exit_weight: float = 0.5
     all_loops_weight: float = 0.0
+    # Per-loop supervision weights of the readouts after loops 1..L-1 (L - 1
+    # numbers, e.g. rising with depth); null: none.
+    loop_weights: list[float] | None = None
+    # Schedule s_l(step) of the intermediate readouts' weights: "constant", "ramp"
+    # (0 -> 1 across the window) or "curriculum" (LayerSkip-style: the deepest
+    # readout switched on at the window's start, the exit last).
+    exit_schedule: str = "constant"
+    # [start, end] of the schedule as fractions of the run; null: [0, 1].
+    exit_schedule_window: list[float] | None = None
+    # Weight of the exit readout's distillation loss (models with exit_readout_rank;
+    # trains only the readout: the shared layers get no gradient from it).
+    draft_weight: float = 1.0
     # Standard deviation of the random init (ignored with init_from).
     init_std: float = 0.02
     # Observation: log training loss every log_every steps; evaluate on
@@ -113,7 +131,7 @@ class RecipeConfig:
             _check_int("threads", self.threads, minimum=1)
         for name in ("lr", "init_std"):
             _check_number(name, getattr(self, name), positive=True)
-        for name in ("min_lr", "weight_decay", "exit_weight", "all_loops_weight"):
+        for name in ("min_lr", "weight_decay", "exit_weight", "all_loops_weight", "draft_weight"):
             _check_number(name, getattr(self, name), positive=False)
         if self.min_lr > self.lr:
             raise TrainingError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
@@ -124,6 +142,22 @@ class RecipeConfig:
                 raise TrainingError(f"{name} must be in [0, 1), got {value}")
         if self.grad_clip is not None:
             _check_number("grad_clip", self.grad_clip, positive=True)
+        if self.loop_weights is not None:
+            if not isinstance(self.loop_weights, (list, tuple)) or not self.loop_weights:
+                raise TrainingError(f"loop_weights must be a list of numbers (one per loop 1..L-1) or "
+                                    f"null, got {self.loop_weights!r}")
+            for value in self.loop_weights:
+                _check_number("loop_weights entries", value, positive=False)
+        if self.exit_schedule not in SCHEDULES:
+            raise TrainingError(f"exit_schedule must be one of {', '.join(SCHEDULES)}, "
+                                f"got {self.exit_schedule!r}")
+        if self.exit_schedule_window is not None:
+            window = self.exit_schedule_window
+            if (not isinstance(window, (list, tuple)) or len(window) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in window)
+                    or not 0 <= window[0] < window[1] <= 1):
+                raise TrainingError("exit_schedule_window must be [start, end] with "
+                                    f"0 <= start < end <= 1 (fractions of the run), got {window!r}")
         if self.device not in DEVICES:
             raise TrainingError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not isinstance(self.description, str):
@@ -142,6 +176,11 @@ class RecipeConfig:
                                 "(this one has exit_loop null); set exit_weight to 0")
         if self.all_loops_weight > 0 and model_config.n_loops == 1:
             raise TrainingError("all_loops_weight > 0 needs n_loops > 1; set it to 0")
+        if self.loop_weights is not None and len(self.loop_weights) != model_config.n_loops - 1:
+            raise TrainingError(f"loop_weights must have n_loops - 1 = {model_config.n_loops - 1} "
+                                f"entries (loops 1..{model_config.n_loops - 1}), got {len(self.loop_weights)}")
+        if self.exit_schedule == "curriculum" and model_config.n_loops < 2:
+            raise TrainingError("exit_schedule curriculum needs n_loops > 1")
 
     # ------------------------------------------------------- (de)serialise
     def replace(self, **changes: Any):

@@ -42,18 +42,33 @@ def loop_metrics(model: LoopedLM, windows: torch.Tensor, *, batch_size: int,
     if dist is not None and dist.enabled:
         windows = windows[dist.rank::dist.world_size]
     sums = new_loop_sums(L, device)
+    # With an exit readout (drafter): its summed cross-entropy and agreement count.
+    has_readout = getattr(model, "exit_readout", None) is not None
+    draft_sums = torch.zeros(2, dtype=torch.float64, device=device)
+    extra = {"output_draft": True} if has_readout else {}
     was_training = model.training
     model.eval()
     for batch in windows.split(batch_size):
         batch = batch.to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with autocast(device):
-            out = model(inputs, output_loops=tuple(range(1, L)))
+            out = model(inputs, output_loops=tuple(range(1, L)), **extra)
         add_loop_sums(sums, out, targets, L)
+        if has_readout:
+            draft = out.draft_logits
+            draft_sums[0] += F.cross_entropy(draft.reshape(-1, draft.shape[-1]).float(),  # [B*T, V]
+                                             targets.reshape(-1), reduction="sum").double()
+            draft_sums[1] += (draft.argmax(-1) == out.logits.argmax(-1)).sum()
     model.train(was_training)
     if dist is not None:
         dist.all_reduce_sum(sums)
-    return summarize_loop_sums(sums, L, model.config.exit_loop)
+        if has_readout:
+            dist.all_reduce_sum(draft_sums)
+    result = summarize_loop_sums(sums, L, model.config.exit_loop)
+    if has_readout:
+        draft_loss, agreeing = (draft_sums / result["tokens"]).tolist()  # deliberate host sync
+        result.update(draft_loss=draft_loss, draft_ppl=_perplexity(draft_loss), draft_agreement=agreeing)
+    return result
 
 
 def new_loop_sums(n_loops: int, device: torch.device) -> torch.Tensor:

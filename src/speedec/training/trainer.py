@@ -57,7 +57,7 @@ from .config import RecipeConfig, TrainConfig
 from .data import check_tokens, evaluation_windows, load_tokens, training_batch
 from .distributed import Distributed, autocast, setup_distributed
 from .evaluate import loop_metrics
-from .loss import LoopedLoss, LossWeights, looped_loss, loss_loops
+from .loss import LoopedLoss, LossSchedule, looped_loss, loss_loops
 from .schedule import CosineSchedule
 
 METRICS_FILE = "metrics.jsonl"
@@ -126,9 +126,8 @@ class RunCore:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     schedule: CosineSchedule
-    weights: LossWeights
-    # Loops whose logits the loss reads.
-    output_loops: tuple[int, ...]
+    # The loss weights of every step.
+    losses: LossSchedule
     tokenizer_file: Path
     out_dir: Path
     metrics: MetricsLog
@@ -236,11 +235,10 @@ def setup_run(config: TrainConfig, dist: Distributed, resume: bool) -> Run:
     else:
         net = model
 
-    weights = LossWeights(exit_weight=config.exit_weight, all_loops_weight=config.all_loops_weight)
     metrics = open_output(config, dist, start_step)
     return Run(config=config, dist=dist, model=model, net=net, optimizer=optimizer,
                schedule=schedule_of(config, config.total_steps),
-               weights=weights, output_loops=loss_loops(model.config, weights),
+               losses=LossSchedule.from_recipe(config, model.config, config.total_steps),
                train_tokens=train_tokens, val_windows=val_windows, tokenizer_file=tokenizer_file,
                out_dir=out_dir, metrics=metrics, total_steps=config.total_steps,
                start_step=start_step, start_tokens=start_tokens, start_elapsed_s=start_elapsed_s,
@@ -292,23 +290,26 @@ def open_output(config: RecipeConfig, dist: Distributed, start_step: int) -> Met
 
 # --------------------------------------------------------------- one step
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One optimizer step; returns this rank's ``[4]`` loss parts (total, final, exit,
-    all-loops; 0 where unused) and the global gradient norm, both still on the device,
-    and the training tokens of the step (all ranks)."""
+    """One optimizer step; returns this rank's ``[5]`` loss parts (total, final, exit,
+    all-loops, draft; 0 where unused) and the global gradient norm, both still on the
+    device, and the training tokens of the step (all ranks)."""
     c = run.config
     set_learning_rate(run, step)
+    weights = run.losses.at(step, run.model.config.n_loops)
+    output_loops = loss_loops(run.model.config, weights)
+    extra = {"output_draft": True} if weights.draft_weight > 0 else {}
     batch = training_batch(run.train_tokens, seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed,
                            step=step, rank=run.dist.rank, world_size=run.dist.world_size)
     micro_batches = batch.to(run.dist.device).reshape(c.grad_accum, -1, c.seq_len + 1)  # [A, b, T+1]
-    parts = torch.zeros(4, device=run.dist.device)
+    parts = torch.zeros(LOSS_PARTS, device=run.dist.device)
     for i, micro in enumerate(micro_batches):
         # Gradients are all-reduced only on the last micro-batch of the step.
         last = i == c.grad_accum - 1
         sync = nullcontext() if last or not run.dist.enabled else run.net.no_sync()
         with sync:
             with autocast(run.dist.device):
-                out = run.net(micro[:, :-1], output_loops=run.output_loops)
-                loss = looped_loss(out, micro[:, 1:], run.model.config, run.weights)
+                out = run.net(micro[:, :-1], output_loops=output_loops, **extra)
+                loss = looped_loss(out, micro[:, 1:], run.model.config, weights)
             (loss.total / c.grad_accum).backward()
         parts += loss_parts(loss) / c.grad_accum
     return parts, apply_update(run), c.tokens_per_step
@@ -321,12 +322,15 @@ def set_learning_rate(run: RunCore, step: int) -> None:
         group["lr"] = lr
 
 
+# Loss parts logged per step: total, final, exit, all-loops, draft.
+LOSS_PARTS = 5
+
+
 def loss_parts(loss: LoopedLoss) -> torch.Tensor:
-    """``[4]`` detached loss parts: total, final, exit, all-loops (0 where unused)."""
+    """``[5]`` detached loss parts: total, final, exit, all-loops, draft (0 where unused)."""
     zero = torch.zeros((), device=loss.total.device)
-    return torch.stack([loss.total, loss.final,
-                        loss.exit if loss.exit is not None else zero,
-                        loss.all_loops if loss.all_loops is not None else zero]).detach()
+    return torch.stack([loss.total, loss.final] + [
+        part if part is not None else zero for part in (loss.exit, loss.all_loops, loss.draft)]).detach()
 
 
 def apply_update(run: RunCore) -> torch.Tensor:
@@ -383,7 +387,7 @@ class Interval:
         self.reset()
 
     def reset(self) -> None:
-        self.parts = torch.zeros(4, device=self.device)  # total, final, exit, all-loops
+        self.parts = torch.zeros(LOSS_PARTS, device=self.device)  # total, final, exit, all-loops, draft
         self.steps = 0
         self.tokens = 0
         self.seconds = 0.0
@@ -396,15 +400,18 @@ class Interval:
 def log_train(run: RunCore, interval: Interval, losses: list[float], grad_norm: torch.Tensor,
               step: int, tokens_seen: int, elapsed_s: float, bar) -> float:
     """Write a ``train`` event for the interval ending at ``step``; returns its mean loss."""
-    total_loss, final, exit_ce, all_loops = losses
+    total_loss, final, exit_ce, all_loops, draft = losses
     tokens_per_s = interval.tokens / interval.seconds
     event = {"event": "train", "step": step, "loss": total_loss, "loss_final": final,
              "lr": run.schedule(step - 1), "grad_norm": float(grad_norm),
              "tokens": tokens_seen, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s}
-    if run.weights.exit_weight > 0:
+    weights = run.losses.base
+    if weights.exit_weight > 0 or weights.loop_weights:
         event["loss_exit"] = exit_ce
-    if run.weights.all_loops_weight > 0:
+    if weights.all_loops_weight > 0:
         event["loss_all_loops"] = all_loops
+    if weights.draft_weight > 0:
+        event["loss_draft"] = draft
     run.metrics.write(event)
     if bar is not None:
         bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
@@ -452,7 +459,7 @@ def run_training(run: RunCore, progress: bool, *, step_fn=None, eval_fn=None) ->
                 if bar is not None:
                     bar.set_postfix(loss=f"{train_loss:.3f}" if train_loss is not None else "-",
                                     val=f"{last_eval['loss']:.3f}",
-                                    agree=f"{last_eval['exit_agreement'] or 0:.2f}")
+                                    agree=f"{last_eval.get('draft_agreement', last_eval['exit_agreement']) or 0:.2f}")
             if step % c.save_every == 0 or step == total:
                 save(run, step, tokens_seen, elapsed_s)
     finally:
