@@ -94,3 +94,35 @@ def test_depth_study_cli(tmp_path):
         bad = CliRunner().invoke(cli, ["study", "depth", "--models", ",".join(dirs), "--data", str(SAMPLE),
                                        "--engines", engines])
         assert bad.exit_code == 2 and message in bad.stderr, bad.output
+
+
+def test_pareto_front_keeps_what_nothing_beats():
+    from speedec.bench.study import pareto_front
+
+    points = [(1.0, 60.0), (1.4, 55.0), (1.5, 58.0), (2.0, 50.0), (0.9, 70.0), (2.5, 50.0)]
+    assert pareto_front(points) == [4, 0, 1, 3]
+
+
+def test_depth_study_reports_test_perplexity_loops_and_labels(tmp_path):
+    dirs = []
+    for loops, exit_loop, rank in ((1, None, None), (3, 1, 4)):
+        config = small_config(vocab_size=256, n_loops=loops, exit_loop=exit_loop, exit_readout_rank=rank)
+        directory = tmp_path / f"L{loops}"
+        random_model(config, seed=1).float().save_pretrained(directory)
+        dirs.append(str(directory))
+    out = tmp_path / "study.json"
+    args = ["study", "depth", "--models", ",".join(dirs), "--data", str(SAMPLE), "--test", str(SAMPLE),
+            "--labels", "one,three", "--prompts", "1", "--max-new-tokens", "6", "--repeats", "1",
+            "--threads", "1", "--json", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["one", "three", "three"]
+    deep = rows[2]
+    assert deep["quality"]["test_ppl"] == pytest.approx(deep["quality"]["ppl"])  # same file twice
+    assert len(deep["details"]["ppl_per_loop"]) == 3 and deep["details"]["ppl_per_loop"][-1] == pytest.approx(
+        deep["quality"]["ppl"])
+    assert 0 <= deep["quality"]["exit_agree"] <= 1
+    assert "after loops 1..3" in result.output
+    bad = CliRunner().invoke(cli, args[:8] + ["--labels", "only-one"])
+    assert bad.exit_code == 2 and "2 models" in bad.stderr

@@ -36,6 +36,8 @@ class StudyEntry:
     run: Callable[[str], tuple[float, int, dict]]
     # Accuracy numbers (e.g. {"ppl": 57.5} or {"bleu": 12.3, "chrf": 40.1}).
     quality: dict = field(default_factory=dict)
+    # Further measurements reported as they are (e.g. perplexity after every loop).
+    details: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +57,8 @@ class StudyRow:
     # Mean tokens generated per unit (per sentence for translators, whose
     # outputs differ in length from model to model); None if not counted.
     tokens_per_unit: float | None = None
+    # The entry's further measurements (per-loop perplexity, agreements, ...).
+    details: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -108,7 +112,8 @@ def run_study(entries: Sequence[StudyEntry], *, kind: str, unit: str, repeats: i
             steps_per_token=sum(s["steps"] for s in st) / after_first if after_first else None,
             quality=dict(entry.quality),
             tokens_per_unit=(sum(s["tokens"] for s in st) / units_done[entry.label, engine]
-                             if counted and units_done[entry.label, engine] else None)))
+                             if counted and units_done[entry.label, engine] else None),
+            details=dict(entry.details)))
     return StudyReport(kind=kind, unit=unit, repeats=repeats, base=f"{entries[0].label} {BASELINE_ENGINE}",
                        rows=rows)
 
@@ -135,6 +140,48 @@ def format_study(report: StudyReport) -> str:
 
 def _num(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (lower is better
+    on both), ordered by the first coordinate."""
+    order = sorted(range(len(points)), key=lambda i: points[i])
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(report: StudyReport, path: str | Path, *, quality_key: str, quality_label: str) -> Path:
+    """Quality (lower is better) against latency relative to the baseline: one point per
+    (model, engine), the Pareto frontier drawn through the points nothing beats."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import _save
+
+    rows = [r for r in report.rows if quality_key in r.quality]
+    points = [(r.latency_vs_base, r.quality[quality_key]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    markers = dict(zip(dict.fromkeys(r.engine for r in rows), "os^Dv<>p"))
+    for engine, marker in markers.items():
+        mine = [(x, y, r) for (x, y), r in zip(points, rows) if r.engine == engine]
+        ax.scatter([x for x, _, _ in mine], [y for _, y, _ in mine], marker=marker, s=40, label=engine, zorder=3)
+        for x, y, r in mine:
+            ax.annotate(f"{r.model} {engine}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    front = pareto_front(points)
+    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="grey",
+            linestyle="--", linewidth=1, label="Pareto frontier", zorder=2)
+    ax.set_xlabel(f"latency per {report.unit}, x {report.base} (paired medians)")
+    ax.set_ylabel(quality_label)
+    ax.set_title(f"{report.kind}: {quality_label} against latency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
 
 
 def plot_study(report: StudyReport, path: str | Path, *, quality_key: str, quality_label: str) -> Path:
@@ -175,7 +222,7 @@ def _supported(model, engines: dict[str, tuple[str, dict]]) -> tuple[str, ...]:
 
 
 def decoder_entry(label: str, model, prompts: list[list[int]], new_tokens: int, quality: dict,
-                  engines: dict[str, tuple[str, dict]] | None = None) -> StudyEntry:
+                  engines: dict[str, tuple[str, dict]] | None = None, details: dict | None = None) -> StudyEntry:
     """A decoder-only model decoding ``prompts`` for ``new_tokens`` each (no EOS).
 
     ``engines``: row name -> (engine, engine options); default autoregressive and speed."""
@@ -194,7 +241,7 @@ def decoder_entry(label: str, model, prompts: list[list[int]], new_tokens: int, 
             summed.append(result.stats)
         return total, units, _pool(summed)
 
-    return StudyEntry(label, model.config.n_loops, _supported(model, engines), run, quality)
+    return StudyEntry(label, model.config.n_loops, _supported(model, engines), run, quality, details or {})
 
 
 def translation_entry(label: str, model, tokenizer, sources: list[list[int]], quality: dict,

@@ -26,6 +26,7 @@ from . import bench, data, generate, model, study
 EXTERNAL_COMMANDS = {
     "train": "speedec.training.commands:train_command",
     "eval": "speedec.training.commands:eval_command",
+    "train-exit": "speedec.training.commands:train_exit_command",
     "tokenizer": "speedec.training.commands:tokenizer_group",
     "train-translation": "speedec.encdec.commands:train_translation_command",
     "translate": "speedec.encdec.commands:translate_command",

@@ -49,8 +49,8 @@ def _run(entries: list, kind: str, unit: str, repeats: int):
         return run_study(entries, kind=kind, unit=unit, repeats=repeats, progress=progress)
 
 
-def _finish(report, json_path, plot_path, quality_key, quality_label) -> None:
-    from ..bench.study import format_study, plot_study
+def _finish(report, json_path, plot_path, quality_key, quality_label, *, pareto: bool = False) -> None:
+    from ..bench.study import format_study, plot_pareto, plot_study
     from ..storage import atomic_write_text
 
     click.echo(format_study(report))
@@ -58,7 +58,8 @@ def _finish(report, json_path, plot_path, quality_key, quality_label) -> None:
         atomic_write_text(Path(json_path), json.dumps(report.to_dict(), indent=2) + "\n")
         click.echo(f"wrote {json_path}", err=True)
     if plot_path:
-        click.echo(f"wrote {plot_study(report, plot_path, quality_key=quality_key, quality_label=quality_label)}",
+        plot = plot_pareto if pareto else plot_study
+        click.echo(f"wrote {plot(report, plot_path, quality_key=quality_key, quality_label=quality_label)}",
                    err=True)
 
 
@@ -71,6 +72,9 @@ def _outputs(func):
 @click.option("--models", required=True, help="Comma-separated model directories; the first is the baseline.")
 @click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
               help="Validation text for perplexity.")
+@click.option("--test", "test_file", default=None, type=click.Path(dir_okay=False),
+              help="Test text: also report its perplexity.")
+@click.option("--labels", default=None, help="Comma-separated names of the models (default: L=<loops>).")
 @click.option("--prompts", "n_prompts", default=4, show_default=True, type=AT_LEAST_ONE)
 @click.option("--prompt-len", default=16, show_default=True, type=AT_LEAST_ONE)
 @click.option("--max-new-tokens", default=64, show_default=True, type=AT_LEAST_ONE)
@@ -78,9 +82,11 @@ def _outputs(func):
 @click.option("--repeats", default=3, show_default=True, type=AT_LEAST_ONE)
 @threads_option(2)
 @_outputs
-def depth(models, data_file, n_prompts, prompt_len, max_new_tokens, engines, repeats, threads, json_path,
-          plot_path) -> None:
-    """Decoder-only models: validation perplexity against ms per token (autoregressive and speed)."""
+def depth(models, data_file, test_file, labels, n_prompts, prompt_len, max_new_tokens, engines, repeats, threads,
+          json_path, plot_path) -> None:
+    """Decoder-only models: perplexity (final and after every loop), exit agreement and
+    latency relative to the first model's autoregressive decoding; --plot draws the
+    Pareto chart (latency against validation perplexity, one point per model and engine)."""
     from ..bench.setup import make_prompts
     from ..bench.study import decoder_entry
     from ..tokenizer import load_tokenizer
@@ -88,15 +94,34 @@ def depth(models, data_file, n_prompts, prompt_len, max_new_tokens, engines, rep
 
     rows = study_rows(engines)
     set_threads(threads)
+    dirs = _model_dirs(models)
+    names = split_list(labels) if labels else None
+    if names is not None and len(names) != len(dirs):
+        raise click.UsageError(f"--labels gives {len(names)} names for {len(dirs)} models")
     entries = []
-    for directory in _model_dirs(models):
+    for i, directory in enumerate(dirs):
         _, model = load_model(directory, "float32", "cpu")
         tokenizer = load_tokenizer(directory, model.config.vocab_size)
         metrics = evaluate_model(model, tokenizer, data_file, prompts=0)
+        quality = {"ppl": metrics["ppl"]}
+        details = {"ppl_per_loop": metrics["ppl_per_loop"], "agreement_per_loop": metrics["agreement_per_loop"],
+                   "exit_loop": metrics["exit_loop"], "params": sum(p.numel() for p in model.parameters())}
+        if test_file is not None:
+            test = evaluate_model(model, tokenizer, test_file, prompts=0)
+            quality["test_ppl"] = test["ppl"]
+            details["test_ppl_per_loop"] = test["ppl_per_loop"]
+        if metrics["exit_agreement"] is not None:
+            quality["exit_agree"] = metrics.get("draft_agreement", metrics["exit_agreement"])
         prompts = make_prompts(model, directory, count=n_prompts, length=prompt_len)
-        entries.append(decoder_entry(f"L={model.config.n_loops}", model, prompts, max_new_tokens,
-                                     {"ppl": metrics["ppl"]}, rows))
-    _finish(_run(entries, "depth", "token", repeats), json_path, plot_path, "ppl", "validation perplexity")
+        label = names[i] if names else f"L={model.config.n_loops}"
+        entries.append(decoder_entry(label, model, prompts, max_new_tokens, quality, rows, details))
+    report = _run(entries, "depth", "token", repeats)
+    report.notes.append("exit_agree: agreement of the exit's argmax with the final loop's on validation "
+                        "(through the exit readout where the model has one)")
+    for entry in entries:
+        loops = " / ".join(f"{p:.1f}" for p in entry.details["ppl_per_loop"])
+        report.notes.append(f"{entry.label}: validation perplexity after loops 1..{entry.n_loops}: {loops}")
+    _finish(report, json_path, plot_path, "ppl", "validation perplexity", pareto=True)
 
 
 @study.command("translation")

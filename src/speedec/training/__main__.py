@@ -11,7 +11,7 @@ import sys
 import click
 
 from ..errors import SpeedecError
-from .commands import eval_command, tokenizer_group, train_command
+from .commands import eval_command, tokenizer_group, train_command, train_exit_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,6 +21,7 @@ def main() -> None:
 
 main.add_command(train_command)
 main.add_command(eval_command)
+main.add_command(train_exit_command)
 main.add_command(tokenizer_group)
 
 
