@@ -45,7 +45,6 @@ from ..model import (
     RMSNorm,
     SpareRows,
     StepLayout,
-    apply_rope,
     linear,
     rope_table,
     step_attention,
@@ -104,8 +103,9 @@ class EncoderMemory:
         return out.reshape(*lead, H * hd)
 
 
-class DecoderLayer(nn.Module):
-    """One unique decoder layer: self-attention, cross-attention, MLP (pre-norm).
+class DecoderLayer(LoopedLayer):
+    """One unique decoder layer: the decoder-only layer's self-attention and MLP
+    branches with a cross-attention branch between them (pre-norm).
 
     Self-attention q/k/v and gate/up are fused as in LoopedLayer, so a step
     issues one matmul per weight matrix for all rows in flight. The cross
@@ -115,20 +115,19 @@ class DecoderLayer(nn.Module):
     """
 
     def __init__(self, config: EncDecConfig) -> None:
-        super().__init__()
+        super().__init__(config.decoder_config)
         c = config
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim, self.ffn_dim = H, Hkv, hd, c.ffn_dim
-        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.wqkv = nn.Parameter(torch.empty((H + 2 * Hkv) * hd, c.d_model))
-        self.wo = nn.Parameter(torch.empty(c.d_model, H * hd))
         self.cross_norm = RMSNorm(c.d_model, c.norm_eps)
         self.wq_cross = nn.Parameter(torch.empty(H * hd, c.d_model))
         self.wkv_cross = nn.Parameter(torch.empty(2 * Hkv * hd, c.d_model))
         self.wo_cross = nn.Parameter(torch.empty(c.d_model, H * hd))
-        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.w_gate_up = nn.Parameter(torch.empty(2 * c.ffn_dim, c.d_model))
-        self.w_down = nn.Parameter(torch.empty(c.d_model, c.ffn_dim))
+        # The parameters in the order of the layer written out before it reused
+        # LoopedLayer (self-attention, cross-attention, MLP): an optimizer state
+        # saved in a training checkpoint is matched to the parameters by position.
+        for name in ("w_gate_up", "w_down"):
+            self._parameters[name] = self._parameters.pop(name)
+        self._modules["mlp_norm"] = self._modules.pop("mlp_norm")
 
     def cross_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, Hkv, S, hd]`` of the normed encoder output ``states [B, S, D]``."""
@@ -140,23 +139,20 @@ class DecoderLayer(nn.Module):
         v = kv[..., Hkv * hd:].reshape(B, S, Hkv, hd).transpose(1, 2).contiguous()
         return k, v
 
+    def cross_branch(self, x: torch.Tensor, cross_attend) -> torch.Tensor:
+        """The cross-attention branch's update of ``x [G, T, D]``; ``cross_attend(q)``
+        maps per-row queries to attention output ``[G, T, H*hd]``."""
+        G, T, _ = x.shape
+        q = linear(self.cross_norm(x), self.wq_cross).reshape(G, T, self.n_heads, self.head_dim)
+        return linear(cross_attend(q), self.wo_cross)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 self_attend, cross_attend) -> torch.Tensor:
         """``x [G, T, D]``; ``self_attend(q, k, v)`` and ``cross_attend(q)`` map
         per-row queries (and keys/values) to attention outputs ``[G, T, H*hd]``."""
-        G, T, _ = x.shape
-        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = linear(self.attn_norm(x), self.wqkv)  # [G, T, (H + 2 Hkv) hd]
-        q = qkv[..., : H * hd].reshape(G, T, H, hd)
-        k = qkv[..., H * hd: (H + Hkv) * hd].reshape(G, T, Hkv, hd)
-        v = qkv[..., (H + Hkv) * hd:].reshape(G, T, Hkv, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        x = x + linear(self_attend(q, k, v), self.wo)
-        q = linear(self.cross_norm(x), self.wq_cross).reshape(G, T, H, hd)
-        x = x + linear(cross_attend(q), self.wo_cross)
-        gate_up = linear(self.mlp_norm(x), self.w_gate_up)  # [G, T, 2 F]
-        hidden = F.silu(gate_up[..., : self.ffn_dim]) * gate_up[..., self.ffn_dim:]
-        return x + linear(hidden, self.w_down)
+        x = x + self.attention_branch(x, cos, sin, self_attend)
+        x = x + self.cross_branch(x, cross_attend)
+        return x + self.mlp_branch(x)
 
 
 @dataclass(frozen=True)
@@ -214,9 +210,7 @@ class EncDecLM(LoopedModelBase):
                     w.normal_(0.0, std, generator=generator)
                 for w in (layer.wo, layer.wo_cross, layer.w_down):
                     w.normal_(0.0, dec_scale, generator=generator)
-            for module in self.modules():
-                if isinstance(module, RMSNorm):
-                    module.weight.fill_(1.0)
+        self.reset_norms()
 
     def save_pretrained(self, directory) -> None:
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
@@ -295,6 +289,7 @@ class EncDecLM(LoopedModelBase):
         for loop in range(c.n_loops):
             for k_unique, layer in enumerate(self.decoder_layers):
                 x = layer(x, cos, sin, self_attend, partial(memory.attend, k_unique))
+            x = self.end_of_loop(x)
             if loop + 1 in output_loops:
                 loop_logits[loop + 1] = self.head(x)
         return EncDecOutput(logits=self.head(x), loop_logits=loop_logits)
@@ -327,4 +322,5 @@ class EncDecLM(LoopedModelBase):
             for k_unique, layer in enumerate(self.decoder_layers):
                 x = layer(x, cos, sin, partial(self_attention, k_unique),
                           partial(memory.attend, k_unique))
+            x = self.end_of_loop(x)
         return x
