@@ -172,3 +172,56 @@ def test_a_build_lock_is_waited_for_then_cleared_when_stale(tmp_path, monkeypatc
     lock.write_text("")  # fresh, never released: waited for, then removed as stale
     kernels._clear_stale_lock(tmp_path, poll_s=0.05)
     assert not lock.exists()
+
+
+def test_the_kernel_is_the_models_choice(kernel, monkeypatch):
+    """prepare_kernel stores the choice on the model; use_kernel overrides it in
+    its own thread only, so threads (a server's requests) never swap kernels."""
+    import threading
+    import types
+
+    from helpers import random_model, small_config
+
+    kernel("auto")
+    model = random_model(small_config(exit_readout_rank=4), dtype=torch.float32)
+    kernels.prepare_kernel(model)
+    modules = [m for m in model.modules() if hasattr(m, "kernel")]
+    assert len(modules) > 3 and {m.kernel for m in modules} == {kernels.active_kernel()}
+    wide = random_model(small_config())  # float64: no few-row kernel, nothing stored
+    kernels.prepare_kernel(wide)
+    assert {m.kernel for m in wide.modules() if hasattr(m, "kernel")} == {None}
+
+    callers = []
+
+    def f_linear(x, w):
+        callers.append(threading.get_ident())
+        return F.linear(x, w)
+
+    monkeypatch.setattr(kernels, "F", types.SimpleNamespace(linear=f_linear))
+    x = torch.randn(2, 32)
+    model.set_kernel("matmul")
+    with torch.inference_mode():
+        model.head(x)
+        assert callers == []  # the model's W @ x.T, not the process default
+        model.set_kernel("torch")
+        model.head(x)
+        assert callers == [threading.get_ident()]
+        model.set_kernel("matmul")
+        entered, release = threading.Event(), threading.Event()
+
+        def other_thread():
+            with kernels.use_kernel("torch"):
+                entered.set()
+                release.wait(10)
+                model.head(x)
+
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        entered.wait(10)
+        model.head(x)  # meanwhile, in this thread: still the model's kernel
+        release.set()
+        worker.join()
+        assert len(callers) == 2 and callers[1] == worker.ident
+        with kernels.use_kernel("torch"):
+            model.head(x)
+        assert len(callers) == 3 and callers[2] == threading.get_ident()

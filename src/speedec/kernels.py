@@ -23,6 +23,16 @@ lacks AVX2/FMA, oneDNN is used. ``SPEEDEC_KERNEL`` picks explicitly:
 ``onednn`` or ``torch`` (plain ``F.linear``).
 Training (gradients on), other dtypes/devices and many rows always use
 ``F.linear``.
+
+Which kernel a product uses is decided per model, not by a setting shared
+by the process: :func:`prepare_kernel` stores the choice on the model
+(``kernel`` on every module that issues products, see
+``LoopedModelBase.set_kernel``) and the layers pass it to :func:`linear`.
+A product with no model's choice uses the process default, resolved once
+from ``SPEEDEC_KERNEL`` (every thread resolves the same value, so a race
+is harmless), and :func:`use_kernel` overrides both for the block it
+encloses, in its own thread (or task) only. Threads serving different
+models, or the same model, never change each other's kernel.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -145,8 +156,13 @@ def active_kernel() -> str:
     return "onednn" if _ONEDNN else "matmul"
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [..., in] @ weight[out, in].T``, with the fastest kernel for the row count."""
+def linear(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    """``x [..., in] @ weight[out, in].T``, with the fastest kernel for the row count.
+
+    ``kernel``: the model's choice (``avx2``, ``onednn``, ``torch`` or
+    ``matmul``, see :func:`prepare_kernel`); None uses the process default.
+    A :func:`use_kernel` block overrides either.
+    """
     rows = x.numel() // x.shape[-1]
     if rows > FEW_ROWS or torch.is_grad_enabled():
         return F.linear(x, weight)
@@ -154,7 +170,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # attention that follows off its fast kernel.
     x2 = x.reshape(rows, x.shape[-1]).contiguous()
     if weight.device.type == "cpu" and weight.dtype == torch.float32:
-        kernel = _KERNEL or _resolve()
+        kernel = _OVERRIDE.get() or kernel or _DEFAULT or _resolve()
         if kernel == "avx2":
             out = torch.ops.speedec_kernels.few_rows_linear(x2, weight)
             return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -170,37 +186,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.T.contiguous().reshape(*x.shape[:-1], weight.shape[0])
 
 
-_KERNEL: str | None = None  # resolved on first use (kernel_choice + availability)
+# The process default: resolved on first use (kernel_choice + availability),
+# then only read; reset_kernel_choice forgets it (tests change SPEEDEC_KERNEL).
+_DEFAULT: str | None = None
+# The kernel of a use_kernel block, per thread / task (None: no block).
+_OVERRIDE: ContextVar[str | None] = ContextVar("speedec_kernel_override", default=None)
 
 
 def _resolve() -> str:
-    global _KERNEL
-    _KERNEL = active_kernel()
-    return _KERNEL
+    global _DEFAULT
+    _DEFAULT = active_kernel()
+    return _DEFAULT
 
 
 @contextmanager
 def use_kernel(name: str) -> Iterator[None]:
     """Run the few-row products of the block with kernel ``name`` (``avx2``,
-    ``onednn`` or ``torch``); raises :class:`ConfigError` if it is unavailable."""
-    global _KERNEL
+    ``onednn`` or ``torch``), whatever kernel their model chose; only in the
+    calling thread. Raises :class:`ConfigError` if it is unavailable."""
     if name not in KERNELS[1:]:
         raise ConfigError(f"kernel must be one of {', '.join(KERNELS[1:])}, got {name!r}")
     if name not in available_kernels():
         raise ConfigError(f"the {name} kernel is unavailable here"
                           + (f": {_AVX2_ERROR}" if name == "avx2" else ""))
-    before, _KERNEL = _KERNEL, name
+    token = _OVERRIDE.set(name)
     try:
         yield
     finally:
-        _KERNEL = before
+        _OVERRIDE.reset(token)
 
 
 def prepare_kernel(model) -> None:
-    """Choose (and on first use build) the few-row kernel for ``model`` now, so
-    that a first-run compile is not counted in the timings of the work that follows."""
+    """Choose (and on first use build) the few-row kernel for ``model`` now and
+    store the choice on the model (``model.set_kernel``), so that a first-run
+    compile is not counted in the timings of the work that follows and the
+    model keeps its kernel whatever else the process runs."""
     if model.device.type == "cpu" and model.dtype == torch.float32:
-        active_kernel()
+        model.set_kernel(active_kernel())
 
 
 def available_kernels() -> list[str]:
@@ -209,9 +231,10 @@ def available_kernels() -> list[str]:
 
 
 def reset_kernel_choice() -> None:
-    """Forget the resolved kernel so that the next product reads ``SPEEDEC_KERNEL`` again."""
-    global _KERNEL
-    _KERNEL = None
+    """Forget the process default so that the next product without a model's
+    choice reads ``SPEEDEC_KERNEL`` again."""
+    global _DEFAULT
+    _DEFAULT = None
 
 
 def _onednn_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,15 @@ from .kernels import linear
 _HALF = (torch.float16, torch.bfloat16)
 
 
+class KernelModule(nn.Module):
+    """A module whose products go through :func:`speedec.kernels.linear` with the
+    few-row kernel its model chose (:meth:`LoopedModelBase.set_kernel`), so that
+    the choice belongs to the model, not to the process."""
+
+    # The kernel (see speedec.kernels.linear); None: the process default.
+    kernel: str | None = None
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a gain; computes in at least float32."""
 
@@ -280,7 +289,7 @@ def step_attention(cache: KVCache, layout: StepLayout, shift: int, spares: Spare
     return partial(split_attention, attention, SpareAttention(cache, spares, shift), layout.groups)
 
 
-class LoopedLayer(nn.Module):
+class LoopedLayer(KernelModule):
     """One unique Llama-style layer: RMSNorm, GQA attention with RoPE, SwiGLU MLP.
 
     q/k/v and gate/up are stored fused so that a step issues one matmul per
@@ -308,18 +317,18 @@ class LoopedLayer(nn.Module):
         ``attend(q, k, v)`` maps per-row q/k/v to attention output ``[G, T, H * hd]``."""
         G, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = linear(self.attn_norm(x), self.wqkv)  # [G, T, (H + 2 Hkv) hd]
+        qkv = linear(self.attn_norm(x), self.wqkv, self.kernel)  # [G, T, (H + 2 Hkv) hd]
         # q and k rotated together: [G, T, H + Hkv, hd]
         qk = apply_rope(qkv[..., : (H + Hkv) * hd].reshape(G, T, H + Hkv, hd), cos, sin)
         q, k = qk[:, :, :H], qk[:, :, H:]
         v = qkv[..., (H + Hkv) * hd:].reshape(G, T, Hkv, hd)
-        return linear(attend(q, k, v), self.wo)
+        return linear(attend(q, k, v), self.wo, self.kernel)
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         """The SwiGLU MLP branch's update of ``x [..., D]``."""
-        gate_up = linear(self.mlp_norm(x), self.w_gate_up)  # [..., 2 F]
+        gate_up = linear(self.mlp_norm(x), self.w_gate_up, self.kernel)  # [..., 2 F]
         hidden = F.silu(gate_up[..., : self.ffn_dim]) * gate_up[..., self.ffn_dim:]
-        return linear(hidden, self.w_down)
+        return linear(hidden, self.w_down, self.kernel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend) -> torch.Tensor:
@@ -328,7 +337,7 @@ class LoopedLayer(nn.Module):
         return x + self.mlp_branch(x)
 
 
-class ExitReadout(nn.Module):
+class ExitReadout(KernelModule):
     """The drafter: parameters used only at the early exit.
 
     ``features(h) = out_norm(h + up(silu(down(norm(h)))))``, then the shared LM
@@ -363,7 +372,8 @@ class ExitReadout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` hidden state after the exit loop -> ``[..., D]`` features for the head."""
-        adapter = linear(F.silu(linear(self.norm(x), self.down)), self.up)  # [..., rank] -> [..., D]
+        # The adapter: [..., D] -> [..., rank] -> [..., D].
+        adapter = linear(F.silu(linear(self.norm(x), self.down, self.kernel)), self.up, self.kernel)
         return self.out_norm(x + adapter)
 
 
@@ -382,7 +392,7 @@ class LoopedOutput:
     draft_logits: torch.Tensor | None = None
 
 
-class LoopedModelBase(nn.Module):
+class LoopedModelBase(KernelModule):
     """What the decoder-only and encoder-decoder models share: reproducible
     random construction, the dtype/device/LM-head accessors engines use, and
     the architecture hooks of a loop (:meth:`begin_loop`, :meth:`end_of_loop`).
@@ -401,14 +411,14 @@ class LoopedModelBase(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: ``[..., D] -> [..., V]`` (also the shared readout of any loop)."""
-        return linear(self.norm(x), self.head_weight)
+        return linear(self.norm(x), self.head_weight, self.kernel)
 
     def exit_head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the early exit (the drafts): through the exit readout when the
         model has one, else the same as :meth:`head`."""
         if self.exit_readout is None:
             return self.head(x)
-        return linear(self.exit_readout(x), self.head_weight)
+        return linear(self.exit_readout(x), self.head_weight, self.kernel)
 
     def head_and_exit(self, final: torch.Tensor, exit_rows: torch.Tensor) -> torch.Tensor:
         """``[n, D]`` rows read by the shared head and ``[m, D]`` rows read at the exit,
@@ -420,13 +430,20 @@ class LoopedModelBase(nn.Module):
         if self.exit_readout is None:
             return self.head(torch.cat((final, exit_rows)))
         features = torch.cat((self.norm(final), self.exit_readout(exit_rows)))
-        return linear(features, self.head_weight)
+        return linear(features, self.head_weight, self.kernel)
 
     def end_of_loop(self, x: torch.Tensor) -> torch.Tensor:
         """The state leaving a pass over the unique layers (every loop, in training
         and in decoding alike): unchanged here; an architecture that normalises
         the state after every loop does it in this hook."""
         return x
+
+    def set_kernel(self, name: str | None) -> None:
+        """Make every product of the model use few-row kernel ``name`` (None: the
+        process default); :func:`speedec.kernels.prepare_kernel` chooses it."""
+        for module in self.modules():
+            if isinstance(module, KernelModule):
+                module.kernel = name
 
     def reset_norms(self) -> None:
         """Every :class:`RMSNorm` of the model starts as the identity (gain 1)."""
@@ -558,7 +575,7 @@ class LoopedLM(LoopedModelBase):
                 loop_logits[loop + 1] = self.head(x)
             if output_draft and self.exit_readout is not None and loop + 1 == c.exit_loop:
                 # The trunk and the head get no gradient from the drafter's loss.
-                draft_logits = linear(self.exit_readout(x.detach()), self.head_weight.detach())
+                draft_logits = linear(self.exit_readout(x.detach()), self.head_weight.detach(), self.kernel)
         return LoopedOutput(logits=self.head(x), loop_logits=loop_logits, draft_logits=draft_logits)
 
     # ---------------------------------------------------------------- engines

@@ -133,7 +133,7 @@ class DecoderLayer(LoopedLayer):
         """Keys and values ``[B, Hkv, S, hd]`` of the normed encoder output ``states [B, S, D]``."""
         B, S, _ = states.shape
         Hkv, hd = self.n_kv_heads, self.head_dim
-        kv = linear(states, self.wkv_cross)  # [B, S, 2 Hkv hd]
+        kv = linear(states, self.wkv_cross, self.kernel)  # [B, S, 2 Hkv hd]
         # [B, S, Hkv, hd] -> [B, Hkv, S, hd], made contiguous once for all later reads.
         k = kv[..., : Hkv * hd].reshape(B, S, Hkv, hd).transpose(1, 2).contiguous()
         v = kv[..., Hkv * hd:].reshape(B, S, Hkv, hd).transpose(1, 2).contiguous()
@@ -143,8 +143,8 @@ class DecoderLayer(LoopedLayer):
         """The cross-attention branch's update of ``x [G, T, D]``; ``cross_attend(q)``
         maps per-row queries to attention output ``[G, T, H*hd]``."""
         G, T, _ = x.shape
-        q = linear(self.cross_norm(x), self.wq_cross).reshape(G, T, self.n_heads, self.head_dim)
-        return linear(cross_attend(q), self.wo_cross)
+        q = linear(self.cross_norm(x), self.wq_cross, self.kernel).reshape(G, T, self.n_heads, self.head_dim)
+        return linear(cross_attend(q), self.wo_cross, self.kernel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 self_attend, cross_attend) -> torch.Tensor:
