@@ -171,6 +171,28 @@ def test_eos_and_max_new_tokens_one():
         assert translate_ids(model, [1, 2, 3], 1, engine=engine).tokens == ref[:1]
 
 
+def test_both_model_families_are_decoding_models():
+    """The engines' one interface, DecodingModel: the decoder-only model and the
+    translator's decoder bound to a source both offer it, with its signatures."""
+    import inspect
+
+    from speedec.encdec import ConditionedDecoder
+    from speedec.engines import DecodingModel
+
+    model = enc_model(enc_config())
+    decoder = ConditionedDecoder(model, model.encode(torch.tensor([[4, 5, 6]])))
+    lm = random_model(small_config())
+    methods = ("layout", "run_loops", "spare_rows", "head", "exit_head", "head_and_exit")
+    for candidate in (lm, decoder):
+        assert isinstance(candidate, DecodingModel), type(candidate).__name__
+        assert candidate.config.vocab_size == 40 and candidate.dtype == torch.float64
+        assert candidate.device == torch.device("cpu") and callable(candidate.embed)
+        for name in methods:
+            declared = list(inspect.signature(getattr(DecodingModel, name)).parameters)[1:]  # after self
+            assert list(inspect.signature(getattr(candidate, name)).parameters) == declared, name
+    assert not isinstance(model, DecodingModel)  # the whole translator is not one: it has no run_loops
+
+
 # ------------------------------------------------------------------ weight reads
 def _weights(model: EncDecLM) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n} | {

@@ -26,31 +26,31 @@ import torch
 
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..engines import engine_class
-from ..engines.autoregressive import AutoregressiveEngine
-from ..engines.base import Engine, GenerationResult, TokenCallback, prefill
-from ..engines.self_speculative import SelfSpeculativeEngine
-from ..engines.speed import SpeedEngine
+from ..engines import ENGINES, engine_class
+from ..engines.base import (
+    GenerationResult,
+    TokenCallback,
+    check_max_new_tokens,
+    check_token_id,
+    prefill,
+    token_ids,
+)
 from ..errors import GenerationError
 from ..model import SpareRows, StepLayout
 from ..sampling import SamplingParams
 from .model import EncDecLM, EncoderMemory
 
-# Decoder-only engines that only use the interface ConditionedDecoder offers.
-TRANSLATION_ENGINES: dict[str, type[Engine]] = {
-    AutoregressiveEngine.name: AutoregressiveEngine,
-    SpeedEngine.name: SpeedEngine,
-    SelfSpeculativeEngine.name: SelfSpeculativeEngine,
-}
+# Every engine decodes translations: engines use only the DecodingModel
+# interface, which ConditionedDecoder offers.
+TRANSLATION_ENGINES = ENGINES
 
 
 class ConditionedDecoder:
-    """The decoder of ``model`` bound to one encoded source sentence.
+    """The decoder of ``model`` bound to one encoded source sentence: a
+    :class:`~speedec.engines.protocol.DecodingModel`.
 
-    Offers what the decoder-only engines use of :class:`speedec.model.LoopedLM`:
-    ``config`` (the decoder as a :class:`ModelConfig`), ``embed``, ``layout``,
-    ``run_loops``, ``head``, ``dtype`` and ``device``. ``run_loops`` adds the
-    cross-attention over the bound memory.
+    ``config`` is the decoder as a :class:`ModelConfig`; ``run_loops`` adds
+    the cross-attention over the bound memory; the heads are the model's.
     """
 
     def __init__(self, model: EncDecLM, memory: EncoderMemory) -> None:
@@ -92,36 +92,23 @@ class ConditionedDecoder:
 
 def validate_translation(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
                          eos_token_id: int | None, bos_token_id: int) -> list[int]:
-    """The source as a list of ids; a GenerationError naming the first problem."""
+    """The source as a list of ids; a GenerationError naming the first problem.
+    The checks of :func:`speedec.engines.base.validate_request`, with the
+    translator's limits (source and target lengths) and its start token."""
     c = model.config
-    if isinstance(src_ids, torch.Tensor):
-        src_ids = src_ids.reshape(-1).tolist()
-    src = list(src_ids)
-    if not src:
-        raise GenerationError("the source sentence is empty: give at least one token")
-    for t in src:
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise GenerationError(f"source token ids must be integers, got {t!r}")
-        if not 0 <= t < c.vocab_size:
-            raise GenerationError(f"source token id {t} is outside the vocabulary (0..{c.vocab_size - 1})")
+    src = token_ids(src_ids, c.vocab_size, name="source", whole="the source sentence")
     if len(src) > c.max_source_len:
         raise GenerationError(
             f"the source ({len(src)} tokens) exceeds the model's max_source_len ({c.max_source_len})")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_max_new_tokens(max_new_tokens)
     if 1 + max_new_tokens > c.max_target_len:
         raise GenerationError(
             f"the start token + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"max_target_len ({c.max_target_len})")
-    _check_token_id("bos_token_id", bos_token_id, c.vocab_size)
+    check_token_id("bos_token_id", bos_token_id, c.vocab_size)
     if eos_token_id is not None:
-        _check_token_id("eos_token_id", eos_token_id, c.vocab_size)
+        check_token_id("eos_token_id", eos_token_id, c.vocab_size)
     return src
-
-
-def _check_token_id(name: str, value: object, vocab_size: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
-        raise GenerationError(f"{name} {value!r} is outside the vocabulary (0..{vocab_size - 1})")
 
 
 def translate_ids(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
@@ -141,15 +128,16 @@ def translate_ids(model: EncDecLM, src_ids: Sequence[int] | torch.Tensor, max_ne
     and ``prefill_s`` covers the encoder, the cross-attention keys/values and
     the start token's pass through the decoder.
     """
-    engine_cls = engine_class(engine, TRANSLATION_ENGINES)
+    engine_cls = engine_class(engine)
     bos = model.config.bos_token_id if bos_token_id is None else bos_token_id
     src = validate_translation(model, src_ids, max_new_tokens, eos_token_id, bos)
     begin = time.perf_counter()
     with torch.inference_mode():
         memory = model.encode(torch.tensor([src], device=model.device))  # one source, no padding
     decoder = ConditionedDecoder(model, memory)
-    decoding = engine_cls.create(decoder, **engine_options)
     encode_s = time.perf_counter() - begin
+    # Outside the timings: an engine may measure the model when it is built (speed's adaptive step costs).
+    decoding = engine_cls.create(decoder, **engine_options)
 
     def start() -> tuple[KVCache, torch.Tensor, int]:
         cache = KVCache(decoder.config, 1 + max_new_tokens, dtype=model.dtype, device=model.device)

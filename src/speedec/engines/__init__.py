@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ..errors import GenerationError
-from ..model import LoopedLM
 from ..sampling import SamplingParams
 from .autoregressive import AutoregressiveEngine
 from .base import Engine, GenerationResult, GenerationStats, TokenCallback
+from .protocol import DecodingModel
 from .self_speculative import SelfSpeculativeEngine
 from .speed import SpeedEngine
 
@@ -29,11 +29,11 @@ def engine_class(name: str, engines: Mapping[str, type[Engine]] = ENGINES) -> ty
             f"unknown engine {name!r}; choose one of: {', '.join(engines)}") from None
 
 
-def get_engine(name: str, model: LoopedLM, **options) -> Engine:
+def get_engine(name: str, model: DecodingModel, **options) -> Engine:
     return engine_class(name).create(model, **options)
 
 
-def generate(model: LoopedLM, prompt_ids: Sequence[int], max_new_tokens: int, *,
+def generate(model: DecodingModel, prompt_ids: Sequence[int], max_new_tokens: int, *,
              engine: str = "speed", eos_token_id: int | None = None,
              on_token: TokenCallback | None = None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -53,4 +53,5 @@ def generate(model: LoopedLM, prompt_ids: Sequence[int], max_new_tokens: int, *,
         prompt_ids, max_new_tokens, eos_token_id=eos_token_id, on_token=on_token, sampling=sampling)
 
 
-__all__ = ["ENGINES", "Engine", "GenerationResult", "GenerationStats", "engine_class", "generate", "get_engine"]
+__all__ = ["ENGINES", "DecodingModel", "Engine", "GenerationResult", "GenerationStats", "engine_class", "generate",
+           "get_engine"]

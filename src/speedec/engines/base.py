@@ -13,8 +13,8 @@ import torch
 
 from ..cache import KVCache
 from ..errors import GenerationError
-from ..model import LoopedLM
 from ..sampling import Sampler, SamplingParams
+from .protocol import DecodingModel
 
 TokenCallback = Callable[[int], None]
 
@@ -112,32 +112,48 @@ class Output:
         return self.stop_reason is not None
 
 
-def validate_request(model: LoopedLM, prompt_ids: Sequence[int], max_new_tokens: int,
-                     eos_token_id: int | None) -> list[int]:
-    c = model.config
-    if isinstance(prompt_ids, torch.Tensor):
-        prompt_ids = prompt_ids.reshape(-1).tolist()
-    prompt = list(prompt_ids)
-    if not prompt:
-        raise GenerationError("the prompt is empty: give at least one token")
-    for t in prompt:
+def token_ids(ids: Sequence[int] | torch.Tensor, vocab_size: int, *, name: str = "prompt",
+              whole: str = "the prompt") -> list[int]:
+    """``ids`` as a list of token ids; a GenerationError names the first bad one.
+    ``name`` and ``whole`` word the messages (``source``, ``the source sentence``)."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.reshape(-1).tolist()
+    tokens = list(ids)
+    if not tokens:
+        raise GenerationError(f"{whole} is empty: give at least one token")
+    for t in tokens:
         if isinstance(t, bool) or not isinstance(t, int):
-            raise GenerationError(f"prompt token ids must be integers, got {t!r}")
-        if not 0 <= t < c.vocab_size:
-            raise GenerationError(f"prompt token id {t} is outside the vocabulary (0..{c.vocab_size - 1})")
+            raise GenerationError(f"{name} token ids must be integers, got {t!r}")
+        if not 0 <= t < vocab_size:
+            raise GenerationError(f"{name} token id {t} is outside the vocabulary (0..{vocab_size - 1})")
+    return tokens
+
+
+def check_max_new_tokens(max_new_tokens: object) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def check_token_id(name: str, value: object, vocab_size: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise GenerationError(f"{name} {value!r} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def validate_request(model: DecodingModel, prompt_ids: Sequence[int], max_new_tokens: int,
+                     eos_token_id: int | None) -> list[int]:
+    c = model.config
+    prompt = token_ids(prompt_ids, c.vocab_size)
+    check_max_new_tokens(max_new_tokens)
     if len(prompt) + max_new_tokens > c.max_seq_len:
         raise GenerationError(
             f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"model's max_seq_len ({c.max_seq_len})")
-    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
-                                     or not 0 <= eos_token_id < c.vocab_size):
-        raise GenerationError(f"eos_token_id {eos_token_id!r} is outside the vocabulary (0..{c.vocab_size - 1})")
+    if eos_token_id is not None:
+        check_token_id("eos_token_id", eos_token_id, c.vocab_size)
     return prompt
 
 
-def prefill(model: LoopedLM, cache: KVCache, prompt: list[int]) -> torch.Tensor:
+def prefill(model: DecodingModel, cache: KVCache, prompt: list[int]) -> torch.Tensor:
     """Run the prompt through all L loops in one batched pass; return the final
     logits ``[V]`` of its last position (they give the first new token)."""
     layout = model.layout([list(range(len(prompt)))], [0])
@@ -147,11 +163,12 @@ def prefill(model: LoopedLM, cache: KVCache, prompt: list[int]) -> torch.Tensor:
 
 
 class Engine(ABC):
-    """A decoding strategy. Engines know nothing about text: ids in, ids out."""
+    """A decoding strategy. Engines know nothing about text: ids in, ids out, and
+    of the model only what :class:`~speedec.engines.protocol.DecodingModel` declares."""
 
     name: ClassVar[str]
 
-    def __init__(self, model: LoopedLM) -> None:
+    def __init__(self, model: DecodingModel) -> None:
         self.model = model
 
     @classmethod
@@ -164,7 +181,7 @@ class Engine(ABC):
         return frozenset(p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
     @classmethod
-    def create(cls, model: LoopedLM, **options) -> Engine:
+    def create(cls, model: DecodingModel, **options) -> Engine:
         """Build the engine; an option it does not take is a GenerationError."""
         accepted = cls.option_names()
         if accepted is not None:

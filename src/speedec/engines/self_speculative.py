@@ -15,15 +15,15 @@ import torch
 
 from ..cache import KVCache
 from ..errors import GenerationError
-from ..model import LoopedLM
 from ..sampling import Sampler
 from .base import Engine, GenerationStats, Output
+from .protocol import DecodingModel
 
 
 class SelfSpeculativeEngine(Engine):
     name = "self-speculative"
 
-    def __init__(self, model: LoopedLM, *, draft_tokens: int = 4) -> None:
+    def __init__(self, model: DecodingModel, *, draft_tokens: int = 4) -> None:
         super().__init__(model)
         if not model.config.has_early_exit:
             raise GenerationError(
