@@ -232,9 +232,9 @@ def test_speculation_policy_cost_model():
     assert policy.expected_cost(1) == pytest.approx(1.6)  # acceptance starts at 1
     for _ in range(200):
         policy.record(None)
-    assert policy.acceptance < 1e-4
+    assert policy.hit_rate[0] < 1e-4
     assert policy.expected_cost(1) == pytest.approx(4 * 1.6, rel=1e-3)
-    decisions = [policy.speculate() for _ in range(8)]
+    decisions = [policy.choose() > 0 for _ in range(8)]
     assert decisions == [False, False, False, True] * 2  # probes only
 
 
@@ -401,3 +401,140 @@ def test_streaming_callback_sees_tokens_in_order():
     seen = []
     out = generate(model, [1, 2], 15, engine="speed", on_token=seen.append)
     assert seen == out.tokens
+
+
+# ------------------------------------------------------------------ the pipeline seam
+def _start_request(model, prompt, max_new_tokens, **sampling):
+    """What Engine.run does before decode: cache, prefill, the first token."""
+    from speedec.engines.base import GenerationStats, Output, prefill
+    from speedec.sampling import Sampler, SamplingParams
+
+    sampler = Sampler(SamplingParams(**sampling))
+    cache = KVCache(model.config, len(prompt) + max_new_tokens, dtype=model.dtype)
+    out = Output(max_new_tokens, None, None)
+    stats = GenerationStats(prompt_tokens=len(prompt))
+    with torch.inference_mode():
+        out.emit(sampler.pick(prefill(model, cache, prompt)))
+    return cache, out, stats, sampler
+
+
+def _run_by_hand(model, plan):
+    """A StepPlan holds all a runner needs: one pass, then one LM-head matmul."""
+    layout = model.layout([[p] for p in plan.positions], plan.loops)
+    spares = (model.spare_rows(plan.spare_positions, plan.spare_loops, plan.spare_index, plan.side)
+              if plan.spare_positions else None)
+    hidden = model.run_loops(plan.rows, layout, plan.cache, 1, spares=spares)
+    if not plan.head_rows and not plan.exit_rows:
+        return hidden, None
+    return hidden, model.head_and_exit(hidden[plan.head_rows, 0], hidden[plan.exit_rows, 0])
+
+
+def _counters(stats):
+    return {k: v for k, v in stats.to_dict().items() if not k.endswith("_s") and k != "tokens_per_s"}
+
+
+def _pipeline_cases():
+    exit_map, final_map = _maps(10, 0)
+    second = mapping_model(exit_map, final_map, n_loops=4, exit_loop=1)  # spares catch every miss
+    turning = mapping_model(exit_map, final_map, n_loops=5, exit_loop=1)  # corrections catch them
+    readout = random_model(small_config(n_loops=4, exit_loop=1, exit_readout_rank=4, loop_embedding=True),
+                           seed=5)
+    sampled = {"temperature": 0.9, "seed": 11}
+    return [(second, [2, 5], {"guesses": 2}, {}), (turning, [2, 5], {"early_correction": True}, {}),
+            (readout, [1, 2, 3], {}, {}), (readout, [1, 2, 3], {"guesses": 2, "early_correction": True}, {}),
+            (random_model(small_config(n_loops=5, exit_loop=2), seed=1), [4], {"guesses": 3}, {}),
+            (second, [2, 5], {"guesses": 2, "early_correction": True}, sampled)]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_plan_advance_by_hand_reproduces_generate(case):
+    """The speed engine is plan / run / advance; driving it by hand, with a runner
+    written here, gives generate's tokens and every counter (float64; sampled
+    with the same seed, the same draws)."""
+    model, prompt, options, sampling = _pipeline_cases()[case]
+    n = 30
+    ref = generate(model, prompt, n, engine="speed", **options, **sampling)
+    engine = get_engine("speed", model, **options)
+    cache, out, stats, sampler = _start_request(model, prompt, n, **sampling)
+    pipeline = engine.pipeline(cache, len(prompt), out, stats, sampler)
+    emitted = list(out.tokens)
+    with torch.inference_mode():
+        while not pipeline.done:
+            plan = pipeline.plan()
+            assert list(plan.loops) == sorted(plan.loops)  # newest first: ascending loops
+            assert plan.rows.shape[0] == len(plan.positions) + len(plan.spare_positions) <= engine.max_rows
+            emitted += pipeline.advance(*_run_by_hand(model, plan))
+    pipeline.finish()
+    stats.new_tokens = len(out.tokens)  # Engine.run's part, as prefill is
+    assert emitted == out.tokens == ref.tokens
+    assert _counters(stats) == _counters(ref.stats)
+    if options.get("guesses", 1) > 1 and case == 0:
+        assert stats.spare_hits > 0
+    if options.get("early_correction") and case == 1:
+        assert stats.corrections > 0
+
+
+def test_pipelines_of_several_requests_advance_independently():
+    """A scheduler's shape: plan every request, run, advance each, requests
+    joining and finishing at different steps; each gets generate's tokens."""
+    from speedec.engines.pipeline import run_step
+
+    model = random_model(small_config(n_loops=4, exit_loop=1, exit_readout_rank=4), seed=7)
+    requests = [([1, 2, 3], 25, {"guesses": 2}), ([7], 12, {"early_correction": True}), ([5, 5], 18, {})]
+    live = []
+    for prompt, n, options in requests:
+        cache, out, stats, sampler = _start_request(model, prompt, n)
+        live.append((get_engine("speed", model, **options).pipeline(cache, len(prompt), out, stats, sampler),
+                     out, stats, prompt, n, options))
+    with torch.inference_mode():
+        while any(not p.done for p, *_ in live):
+            plans = [(p, p.plan()) for p, *_ in live if not p.done]
+            for pipeline, plan in plans:
+                pipeline.advance(*run_step(model, plan))
+    for pipeline, out, stats, prompt, n, options in live:
+        pipeline.finish()
+        stats.new_tokens = len(out.tokens)
+        ref = generate(model, prompt, n, engine="speed", **options)
+        assert out.tokens == ref.tokens and _counters(stats) == _counters(ref.stats)
+
+
+def test_adaptive_policy_learns_only_what_sampled_draws_say():
+    """Greedy, a guess's candidates are the exit's ranking, so a verification
+    teaches every a_b. Sampling, they are the tokens drawn: one draw says
+    nothing of a second, and a_2 must not be dragged down by single draws."""
+    from speedec.engines.speed import SpeculationPolicy
+
+    policy = SpeculationPolicy(4, 1, [1.0] * 7, max_guesses=2)
+    for _ in range(200):
+        policy.record(None, known=1)
+    assert policy.hit_rate[0] < 1e-4 and policy.hit_rate[1] == 1.0
+    policy.record(1, known=2)
+    assert policy.hit_rate[1] == 1.0 and policy.hit_rate[0] < 1e-4
+    policy.record(None, known=2)
+    assert policy.hit_rate[1] == pytest.approx(1 - 1 / 16)
+
+    exit_map, final_map = _maps(10, 0)
+    model = mapping_model(exit_map, final_map, n_loops=4, exit_loop=1)
+    # Rows beyond the depth are dear: the policy launches one candidate, never two.
+    costs = [1.0, 1.0, 1.0, 1.0, 50.0, 50.0, 50.0]
+    for sampling in ({}, {"temperature": 1.0, "seed": 3}):
+        engine = get_engine("speed", model, adaptive=True, guesses=2, step_costs=costs)
+        cache, out, stats, sampler = _start_request(model, [2, 5], 40, **sampling)
+        pipeline = engine.pipeline(cache, 2, out, stats, sampler)
+        recorded = []
+        record = pipeline.policy.record
+        pipeline.policy.record = lambda rank, known=None: (recorded.append((rank, known)),
+                                                           record(rank, known=known))
+        with torch.inference_mode():
+            while not pipeline.done:
+                pipeline.advance(*_run_by_hand(model, pipeline.plan()))
+        pipeline.finish()
+        assert stats.spares_launched == 0 and recorded
+        hit_rate = pipeline.policy.hit_rate
+        if not sampling:  # the final prediction is the exit's second choice: a_1 -> 0, a_2 -> 1
+            assert all(known is None and rank == 1 for rank, known in recorded)
+            assert hit_rate[0] < 0.1 and hit_rate[1] == 1.0
+        else:  # one draw per guess: a_1 learns, a_2 keeps its estimate
+            assert all(known == 1 and rank in (0, None) for rank, known in recorded)
+            assert any(rank is None for rank, _ in recorded) and hit_rate[0] < 1.0
+            assert hit_rate[1] == 1.0
