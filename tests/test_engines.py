@@ -284,6 +284,21 @@ def test_adaptive_measures_step_costs_once():
     assert get_engine("speed", model, adaptive=True)._policy().step_costs == costs
 
 
+def test_adaptive_step_costs_are_measured_when_the_engine_is_built(monkeypatch):
+    """Outside any request's timings: building the engine measures, decoding does not."""
+    from speedec.engines import speed
+
+    calls = []
+    measure = speed.measure_step_costs
+    monkeypatch.setattr(speed, "measure_step_costs", lambda *a, **k: calls.append(a) or measure(*a, **k))
+    model = random_model(small_config(n_loops=4, exit_loop=1), seed=9)
+    engine = get_engine("speed", model, adaptive=True, guesses=2)
+    assert len(calls) == 1 and len(engine.step_costs) == engine.max_rows == 7
+    engine.generate([1, 2], 8)
+    get_engine("speed", model, adaptive=True, guesses=2).generate([3], 5)
+    assert len(calls) == 1
+
+
 def _weights(model):
     return {n: p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n} | {
         "head": model.head_weight}
