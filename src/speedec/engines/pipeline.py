@@ -59,7 +59,7 @@ class Spare:
     pos: int
     # Index of its side buffers (keys/values of its loops).
     index: int
-    # [1, 1, D]: its token's embedding until its first pass, then its hidden state.
+    # [1, D] (one position): its token's embedding until its first pass, then its hidden state.
     row: torch.Tensor
     # Loops completed so far.
     loops_done: int = 0
@@ -75,7 +75,7 @@ class Slot:
     token: int
     # Its position in the sequence.
     pos: int
-    # [1, 1, D]: its token's embedding until its first pass, then its hidden state.
+    # [1, D] (one position): its token's embedding until its first pass, then its hidden state.
     row: torch.Tensor
     # Loops completed so far (0..L).
     loops_done: int = 0
@@ -139,7 +139,16 @@ def run_step(model: DecodingModel, plan: StepPlan) -> tuple[torch.Tensor, torch.
     hidden = model.run_loops(plan.rows, layout, plan.cache, 1, spares=spares)
     if not plan.reads_logits:
         return hidden, None
-    return hidden, model.head_and_exit(hidden[plan.head_rows, 0], hidden[plan.exit_rows, 0])
+    return hidden, model.head_and_exit(_take(hidden, plan.head_rows), _take(hidden, plan.exit_rows))
+
+
+def _take(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``hidden[rows, 0]``: ``[len(rows), D]``, a view when the rows are consecutive
+    (the usual case: no index tensor to build)."""
+    if not rows or rows == list(range(rows[0], rows[0] + len(rows))):
+        start = rows[0] if rows else 0
+        return hidden[start: start + len(rows), 0]
+    return hidden[rows, 0]
 
 
 @dataclass(frozen=True)
@@ -186,13 +195,14 @@ class Pipeline:
         """``out.tokens[-1]`` (at ``first_pos``, from prefill) enters at loop 0."""
         c = model.config
         self.model = model  # for its embeddings only: the engine runs the steps
+        self.device = model.device
         self.n_loops, self.exit_loop = c.n_loops, c.exit_loop
         self.cache, self.out, self.stats, self.sampler = cache, out, stats, sampler
         self.early_correction, self.guesses, self.policy = early_correction, guesses, policy
         # A slot at position q is needed only while its successor's token is:
         # the last token to generate sits at first_pos + max_new_tokens - 1.
         self.last_needed_pos = first_pos + out.max_new_tokens - 2
-        self.slots = [Slot(out.tokens[-1], first_pos, self._embed(out.tokens[-1:]))]
+        self.slots = [Slot(out.tokens[-1], first_pos, self._embed(out.tokens[-1:])[0])]
         self.side: tuple[torch.Tensor, torch.Tensor] | None = None
         self.free: list[int] = []  # side-buffer indices not held by a spare
         if guesses > 1:
@@ -230,7 +240,7 @@ class Pipeline:
                              draft=first_rival + len(rivals) if draft else None)
         parts = [s.row for s in slots] + [sp.row for sp in spares]
         return StepPlan(
-            rows=parts[0] if len(parts) == 1 else torch.cat(parts),
+            rows=parts[0][None] if len(parts) == 1 else torch.stack(parts),
             positions=[s.pos for s in slots], loops=[s.loops_done for s in slots],
             spare_positions=[sp.pos for sp in spares], spare_loops=[sp.loops_done for sp in spares],
             spare_index=[sp.index for sp in spares],
@@ -247,22 +257,24 @@ class Pipeline:
         slots, stats = self.slots, self.stats
         stats.steps += 1
         self.rows_total += hidden.shape[0]
-        for g, slot in enumerate(slots):
-            slot.row = hidden[g: g + 1]
+        rows = hidden.unbind(0)  # [1, D] each
+        for slot, row in zip(slots, rows):
+            slot.row = row
             slot.loops_done += 1
-        for j, spare in enumerate(self.spares(), start=len(slots)):
-            spare.row = hidden[j: j + 1]
-            spare.loops_done += 1
+        if len(rows) > len(slots):
+            for spare, row in zip(self.spares(), rows[len(slots):]):
+                spare.row = row
+                spare.loops_done += 1
         if logits is None:
             return []
         stats.lm_head_calls += 1
-        rows = _Logits(logits, self.sampler.greedy)
+        read = _Logits(logits, self.sampler.greedy)
         emitted = len(self.out.tokens)
         newest = slots[0]
-        if not reads.final or self.verify(reads, rows):
-            corrected = self.correct(reads, rows)
+        if not reads.final or self.verify(reads, read):
+            corrected = self.correct(reads, read)
             if reads.draft is not None and not corrected:
-                self.draft(newest.pos, *rows(reads.draft))
+                self.draft(newest.pos, *read(reads.draft))
         return self.out.tokens[emitted:]
 
     def finish(self) -> None:
@@ -274,7 +286,7 @@ class Pipeline:
             stats.guesses_skipped += self.policy.guesses_skipped
 
     # ------------------------------------------------------------ the three moves
-    def verify(self, reads: _Reads, rows: _Logits) -> bool:
+    def verify(self, reads: _Reads, read: _Logits) -> bool:
         """The oldest slot has completed L loops and retires; its final logits give
         the verified next token. True when the guess behind it held that token
         (the pipeline goes on); otherwise every younger slot is flushed and the
@@ -284,7 +296,7 @@ class Pipeline:
         oldest = slots.pop()
         successor = slots[-1] if slots else None
         drafts: list[Slot | Spare] = ([successor] if successor is not None else []) + reads.rivals
-        winner, verified = self._judge(drafts, *rows(0))
+        winner, verified = self._judge(drafts, *read(0))
         self.out.emit(verified)
         if successor is not None and self.policy is not None:
             self.record(successor, verified)
@@ -306,7 +318,7 @@ class Pipeline:
             return False
         self._free(spares)
         if winner is None:
-            slots.append(Slot(verified, oldest.pos + 1, self._embed([verified])))
+            slots.append(Slot(verified, oldest.pos + 1, self._embed([verified])[0]))
             return False
         k = winner - (successor is not None)  # a spare held it: it goes on from its loops
         spare = reads.rivals[k]
@@ -314,10 +326,10 @@ class Pipeline:
         SpareRows.promote(self.cache, self.side, spare.index, spare.pos, spare.loops_done)
         slots.append(Slot(spare.token, spare.pos, spare.row, loops_done=spare.loops_done))
         if spare.pos < self.last_needed_pos:
-            self.draft(spare.pos, *rows(reads.first_rival + k))
+            self.draft(spare.pos, *read(reads.first_rival + k))
         return False
 
-    def correct(self, reads: _Reads, rows: _Logits) -> bool:
+    def correct(self, reads: _Reads, read: _Logits) -> bool:
         """Early correction: every slot between its exit and its last loop re-reads
         its prediction for the next position; at the first (oldest) that changed,
         the guess behind it and every younger slot are replaced by the new
@@ -325,7 +337,7 @@ class Pipeline:
         slots, stats = self.slots, self.stats
         for i, row in reads.checks:  # oldest first: a correction discards every younger check
             guess = slots[i - 1]
-            token, q = self._repredict(guess, *rows(row))
+            token, q = self._repredict(guess, *read(row))
             if token == guess.token:
                 guess.draft_probs = q
                 continue
@@ -333,7 +345,7 @@ class Pipeline:
             stats.drafts_discarded += i
             self._free([sp for slot in reversed(slots[:i]) for sp in slot.spares])
             del slots[:i]
-            slots.insert(0, Slot(token, slots[0].pos + 1, self._embed([token]), is_draft=True,
+            slots.insert(0, Slot(token, slots[0].pos + 1, self._embed([token])[0], is_draft=True,
                                  draft_probs=q, candidates=(token,)))
             stats.drafts_launched += 1
             return True
@@ -355,11 +367,11 @@ class Pipeline:
             q = self.sampler.probs(logits)
             tokens = [self.sampler.draw(q) for _ in range(n)]
             ranked = tokens
-        embedded = self._embed(tokens)  # [n, 1, D]
-        guess = Slot(tokens[0], parent_pos + 1, embedded[:1], is_draft=True, draft_probs=q,
+        embedded = self._embed(tokens).unbind(0)  # [1, D] each
+        guess = Slot(tokens[0], parent_pos + 1, embedded[0], is_draft=True, draft_probs=q,
                      candidates=tuple(ranked))
-        guess.spares = [Spare(t, parent_pos + 1, self.free.pop(), embedded[k: k + 1], draft_probs=q)
-                        for k, t in enumerate(tokens[1:], start=1)]
+        guess.spares = [Spare(t, parent_pos + 1, self.free.pop(), row, draft_probs=q)
+                        for t, row in zip(tokens[1:], embedded[1:])]
         self.slots.insert(0, guess)
         self.stats.drafts_launched += 1
         self.stats.spares_launched += len(guess.spares)
@@ -401,4 +413,4 @@ class Pipeline:
         self.free.extend(sp.index for sp in spares)
 
     def _embed(self, tokens: list[int]) -> torch.Tensor:
-        return self.model.embed(torch.tensor(tokens, device=self.model.device)[:, None])  # [n, 1, D]
+        return self.model.embed(torch.tensor(tokens, device=self.device)[:, None])  # [n, 1, D]
