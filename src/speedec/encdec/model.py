@@ -7,9 +7,10 @@
 * Decoder — K unique :class:`DecoderLayer` applied L times (virtual layer
   ``v`` uses unique layer ``v mod K``): causal self-attention with RoPE,
   cross-attention over the encoder output (no RoPE: source and target
-  positions are unrelated), SwiGLU MLP. Final norm and LM head, tied to the
-  shared embedding by default; the same head read after ``exit_loop`` loops
-  is the early exit.
+  positions are unrelated), SwiGLU MLP: the decoder-only layer's two
+  branches with a cross-attention branch between them. Final norm and LM
+  head, tied to the shared embedding by default; the same head read after
+  ``exit_loop`` loops is the early exit.
 
 Cross-attention keys and values are a function of the encoder output and the
 *unique* layer's ``wkv_cross`` only, never of the loop or the target token,
