@@ -234,5 +234,67 @@ def main() -> None:
     sweep.save()
 
 
+def report(summary_file: Path, extra_metrics: list[Path], out_json: Path, out_plot: Path) -> None:
+    """The recipe table and the budget trend of a finished sweep (plus runs trained apart from it,
+    given by their ``metrics.jsonl``): a compact JSON and the trend plot. Perplexities are the
+    trainer's own validation sample at the end of each run, the one number every run has."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = json.loads(summary_file.read_text())
+    runs = {}
+    for name, result in summary.items():
+        if name.startswith("_") or not result.get("evals"):
+            continue
+        last = result["evals"][-1]
+        runs[name] = {"n_loops": result["n_loops"], "recipe": result["recipe"], "tokens": last_tokens(result),
+                      "finished": result["returncode"] == 0, "val_ppl": last["ppl"],
+                      "ppl_per_loop": last["ppl_per_loop"],
+                      "agreement": last.get("draft_agreement", last["exit_agreement"]),
+                      "eval": {k: (result.get("validation") or {}).get(k) for k in ("ppl", "acceptance")},
+                      "test_ppl": (result.get("test") or {}).get("ppl")}
+    for path in extra_metrics:
+        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        evals = [e for e in events if e.get("event") == "eval"]
+        done = [e for e in events if e.get("event") == "done"]
+        name = path.name.replace("-metrics.jsonl", "")
+        L = len(evals[-1]["ppl_per_loop"])
+        runs[name] = {"n_loops": L, "recipe": name.split("-", 1)[1].rsplit("-", 1)[0], "tokens": done[-1]["tokens"],
+                      "finished": True, "val_ppl": evals[-1]["ppl"], "ppl_per_loop": evals[-1]["ppl_per_loop"],
+                      "agreement": evals[-1].get("draft_agreement", evals[-1]["exit_agreement"])}
+    out_json.write_text(json.dumps({"selection": summary.get("_selection"), "runs": runs}, indent=1) + "\n")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    series = {"L=1": lambda r: r["n_loops"] == 1 and r["recipe"] == "l1-lr2e-3",
+              "L=4, constant exit weight 1.0 (before)": lambda r: r["n_loops"] == 4 and r["recipe"] == "today",
+              "L=4, drafter + warmup 300 (new)": lambda r: r["n_loops"] == 4 and r["recipe"] == "drafter-warmup300"}
+    for label, keep in series.items():
+        points = sorted((r["tokens"], r["val_ppl"]) for r in runs.values() if keep(r) and r["finished"])
+        ax.plot([t / 1e6 for t, _ in points], [p for _, p in points], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("validation perplexity (final loop)")
+    ax.set_title("depth at equal parameters: the budget trend")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_plot, dpi=120)
+    for name, r in sorted(runs.items(), key=lambda kv: (kv[1]["tokens"], kv[1]["n_loops"], kv[0])):
+        loops = " / ".join(f"{p:.1f}" for p in r["ppl_per_loop"])
+        agree = "-" if r["agreement"] is None else f"{r['agreement']:.3f}"
+        print(f"| {name} | {r['n_loops']} | {r['tokens'] / 1e6:.1f}M | {r['val_ppl']:.2f} | {loops} | {agree} |")
+
+
+def last_tokens(result: dict) -> int:
+    return result["evals"][-1]["step"] * TOKENS_PER_STEP if result.get("evals") else 0
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        # python benchmarks/depth_sweep.py report SUMMARY OUT.json OUT.png [EXTRA-metrics.jsonl ...]
+        report(Path(sys.argv[2]), [Path(p) for p in sys.argv[5:]], Path(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        main()

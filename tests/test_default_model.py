@@ -15,7 +15,7 @@ def test_bundled_model_is_present_and_loads():
     assert directory is not None, "the package ships no default model"
     model = LoopedLM.from_pretrained(directory)
     c = model.config
-    assert (c.n_unique_layers, c.n_loops, c.exit_loop) == (2, 4, 1)
+    assert (c.n_unique_layers, c.n_loops, c.exit_loop, c.exit_readout_rank) == (2, 4, 2, 64)
     tok = load_tokenizer(directory, c.vocab_size)
     assert isinstance(tok, BPETokenizer) and tok.vocab_size == c.vocab_size
     text = "Once upon a time, in a land far away."

@@ -168,11 +168,11 @@ def plot_pareto(report: StudyReport, path: str | Path, *, quality_key: str, qual
     points = [(r.latency_vs_base, r.quality[quality_key]) for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     markers = dict(zip(dict.fromkeys(r.engine for r in rows), "os^Dv<>p"))
-    for engine, marker in markers.items():
+    for k, (engine, marker) in enumerate(markers.items()):
         mine = [(x, y, r) for (x, y), r in zip(points, rows) if r.engine == engine]
         ax.scatter([x for x, _, _ in mine], [y for _, y, _ in mine], marker=marker, s=40, label=engine, zorder=3)
-        for x, y, r in mine:
-            ax.annotate(f"{r.model} {engine}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        for x, y, r in mine:  # engines' labels alternate above and below their points
+            ax.annotate(r.model, (x, y), textcoords="offset points", xytext=(5, 5 if k % 2 else -11), fontsize=7)
     front = pareto_front(points)
     ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="grey",
             linestyle="--", linewidth=1, label="Pareto frontier", zorder=2)
