@@ -4,7 +4,7 @@ Every expected failure (bad option, bad model directory, bad prompt...) prints
 one line ``error: ...`` to stderr and exits with code 2.
 
 One module per command group: :mod:`.generate`, :mod:`.model` (init,
-export-hf), :mod:`.bench` (bench, kernels), :mod:`.study`, :mod:`.data`;
+export-hf, export-gguf), :mod:`.bench` (bench, kernels), :mod:`.study`, :mod:`.data`;
 :mod:`.common` holds what they share. The training and translation commands
 live next to what they drive (:mod:`speedec.training.commands`,
 :mod:`speedec.encdec.commands`) and are imported when first used.
@@ -75,8 +75,8 @@ def cli() -> None:
     """speedec: fast exact decoding for looped decoders with SPEED."""
 
 
-for command in (generate.generate, model.init, model.export_hf, bench.bench, bench.kernels, study.study,
-                data.data):
+for command in (generate.generate, model.init, model.export_hf, model.export_gguf, bench.bench, bench.kernels,
+                study.study, data.data):
     cli.add_command(command)
 
 

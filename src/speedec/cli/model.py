@@ -1,4 +1,4 @@
-"""Model directories: ``speedec init`` (random weights) and ``speedec export-hf``."""
+"""Model directories: ``speedec init`` (random weights), ``speedec export-hf`` and ``export-gguf``."""
 
 from __future__ import annotations
 
@@ -53,3 +53,24 @@ def export_hf(model_dir, out_dir) -> None:
     if tokenizer.is_file():
         shutil.copyfile(tokenizer, Path(out_dir) / TOKENIZER_FILE)
     click.echo(f"wrote {out_dir} (LlamaForCausalLM, {model.config.n_virtual_layers} layers)")
+
+
+@click.command("export-gguf")
+@click.argument("model_dir")
+@click.argument("out_file")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
+              help="Weight type of the matrices (norms stay f32; q8_0 writes f16 where rows do not "
+                   "split into blocks of 32).")
+def export_gguf(model_dir, out_file, dtype) -> None:
+    """Write MODEL_DIR as a llama GGUF file (K*L layers) for llama.cpp, with its tokenizer."""
+    from ..gguf_export import check_exportable
+    from ..gguf_export import export_gguf as export
+    from ..tokenizer import TOKENIZER_FILE
+
+    model = LoopedLM.from_pretrained(model_dir)
+    check_exportable(model)
+    tokenizer = Path(model_dir) / TOKENIZER_FILE
+    export(model, out_file, dtype=dtype, tokenizer_json=tokenizer if tokenizer.is_file() else None,
+           name=Path(model_dir).resolve().name)
+    vocab = "with its tokenizer" if tokenizer.is_file() else "no tokenizer (token ids only)"
+    click.echo(f"wrote {out_file} (llama, {model.config.n_virtual_layers} layers, {dtype}, {vocab})")

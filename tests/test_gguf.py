@@ -1,0 +1,246 @@
+"""GGUF export: read back with the gguf package's reader, and run in the GGUF layout."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import random_model, small_config
+from speedec.cli import cli
+from speedec.errors import ConfigError
+from speedec.gguf_export import (
+    GGUFLlamaConversion,
+    export_gguf,
+    gguf_tensors,
+    interleave_rope_rows,
+    split_rope_rows,
+)
+from speedec.tokenizer import TOKENIZER_FILE, train_bpe_from_texts
+
+gguf = pytest.importorskip("gguf")
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+def read_tensors(reader) -> dict[str, np.ndarray]:
+    """Every tensor as float64 in numpy order ([out, in] for matrices), dequantized."""
+    out = {}
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = np.asarray(data, dtype=np.float64).reshape(tuple(reversed([int(n) for n in t.shape])))
+    return out
+
+
+def types(reader) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def expected_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under GGUF names in our own (half-split rotary) layout, float32."""
+    return {name: t.float() for name, t in GGUFLlamaConversion.from_ours(model).items()}
+
+
+def undo_rope(name: str, array: np.ndarray, config) -> torch.Tensor:
+    t = torch.from_numpy(array)
+    heads = GGUFLlamaConversion.rope_rows.get(".".join(name.split(".")[-2:]))
+    return split_rope_rows(t, heads(config)) if heads else t
+
+
+def test_rope_row_order_round_trips():
+    w = torch.arange(2 * 8 * 3).reshape(16, 3)
+    moved = interleave_rope_rows(w, 2)
+    # Head 0: rows 0..3 go to 0, 2, 4, 6; rows 4..7 to 1, 3, 5, 7.
+    assert moved[:8, 0].tolist() == [0, 12, 3, 15, 6, 18, 9, 21]
+    assert torch.equal(split_rope_rows(moved, 2), w)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(tie_embeddings=False, n_kv_heads=4)])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_metadata_and_tensors_read_back(tmp_path, overrides, dtype):
+    config = small_config(**overrides, exit_readout_rank=4)
+    model = random_model(config, dtype=torch.float32)
+    out = export_gguf(model, tmp_path / "m.gguf", dtype=dtype)
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "general.architecture") == "llama"
+    assert field(reader, "general.file_type") == {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
+    assert field(reader, "llama.block_count") == config.n_unique_layers * config.n_loops
+    assert field(reader, "llama.context_length") == config.max_seq_len
+    assert field(reader, "llama.embedding_length") == config.d_model
+    assert field(reader, "llama.feed_forward_length") == config.ffn_dim
+    assert field(reader, "llama.attention.head_count") == config.n_heads
+    assert field(reader, "llama.attention.head_count_kv") == config.n_kv_heads
+    assert field(reader, "llama.rope.dimension_count") == config.head_dim
+    assert field(reader, "llama.vocab_size") == config.vocab_size
+    assert field(reader, "llama.rope.freq_base") == pytest.approx(config.rope_theta)
+    assert field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(config.norm_eps, rel=1e-6)
+    assert field(reader, "tokenizer.ggml.model") == "no_vocab"
+
+    expected = expected_tensors(model)
+    got = read_tensors(reader)
+    assert set(got) == set(expected)
+    assert ("output.weight" in got) == (not config.tie_embeddings)
+    assert not any("exit_readout" in name for name in got)
+    assert len({n for n in got if n.startswith("blk.")}) == 9 * config.n_unique_layers * config.n_loops
+    kinds = types(reader)
+    for name, want in expected.items():
+        have = undo_rope(name, got[name], config)
+        assert have.shape == want.shape, name
+        if want.dim() == 1:
+            assert kinds[name] == "F32"
+        if dtype == "f32" or want.dim() == 1:
+            assert torch.equal(have.float(), want), name
+        elif kinds[name] == "F16":
+            assert dtype == "f16" or want.shape[-1] % 32, name  # q8_0 falls back where blocks do not fit
+            assert torch.equal(have.float(), want.half().float()), name
+        else:
+            assert kinds[name] == "Q8_0"
+            # One scale per 32 values: error about half a step of max|block| / 127 (the scale is fp16).
+            blocks = want.reshape(-1, 32)
+            step = blocks.abs().amax(dim=1, keepdim=True) / 127
+            err = (have.float().reshape(-1, 32) - blocks).abs()
+            assert (err <= 0.55 * step + 1e-6).all(), (name, (err / step).max())
+
+
+def _rms(x, w, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def _adjacent_rope(x, theta):
+    """ggml's llama rope: adjacent pairs (2i, 2i+1) rotated by pos * theta^(-2i/hd). x [T, H, hd]."""
+    T, _, hd = x.shape
+    inv = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).reshape(x.shape)
+
+
+def gguf_llama_logits(reader, ids: list[int]) -> torch.Tensor:
+    """A plain llama forward pass over the file's tensors in their GGUF layout (float64)."""
+    w = {k: torch.from_numpy(v) for k, v in read_tensors(reader).items()}
+    n_layers = field(reader, "llama.block_count")
+    H, KV = field(reader, "llama.attention.head_count"), field(reader, "llama.attention.head_count_kv")
+    eps = field(reader, "llama.attention.layer_norm_rms_epsilon")
+    theta = field(reader, "llama.rope.freq_base")
+    x = w["token_embd.weight"][ids]
+    T, D = x.shape
+    hd = D // H
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        h = _rms(x, w[p + "attn_norm.weight"], eps)
+        q = _adjacent_rope((h @ w[p + "attn_q.weight"].T).reshape(T, H, hd), theta)
+        k = _adjacent_rope((h @ w[p + "attn_k.weight"].T).reshape(T, KV, hd), theta)
+        v = (h @ w[p + "attn_v.weight"].T).reshape(T, KV, hd)
+        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / hd**0.5 + mask
+        att = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(T, D)
+        x = x + att @ w[p + "attn_output.weight"].T
+        h = _rms(x, w[p + "ffn_norm.weight"], eps)
+        gate, up = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
+        x = x + (torch.nn.functional.silu(gate) * up) @ w[p + "ffn_down.weight"].T
+    x = _rms(x, w["output_norm.weight"], eps)
+    return x @ w.get("output.weight", w["token_embd.weight"]).T
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(tie_embeddings=False, n_kv_heads=1, n_unique_layers=1,
+                                                    n_loops=4, exit_loop=2)])
+def test_gguf_layout_runs_as_our_model(tmp_path, overrides):
+    """With ggml's adjacent-pair rope, the exported (permuted) q/k give our logits."""
+    model = random_model(small_config(**overrides), dtype=torch.float32)
+    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf"))
+    ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].double()
+    torch.testing.assert_close(gguf_llama_logits(reader, ids), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_tensors_are_float32_in_ggml_layout():
+    model = random_model(small_config(), dtype=torch.float64)
+    tensors = gguf_tensors(model)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    wq = model.layers[1].wqkv[: model.config.d_model].float()
+    assert torch.equal(tensors["blk.3.attn_q.weight"], interleave_rope_rows(wq, model.config.n_heads))
+
+
+@pytest.fixture(scope="module")
+def bpe_model(tmp_path_factory):
+    """A model directory with a small trained byte-level BPE."""
+    directory = tmp_path_factory.mktemp("bpe") / "model"
+    texts = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 20
+    tok = train_bpe_from_texts(texts, directory / TOKENIZER_FILE, vocab_size=300, min_frequency=1)
+    model = random_model(small_config(vocab_size=tok.vocab_size + 4), dtype=torch.float32)
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_cli_writes_tokenizer(tmp_path, bpe_model):
+    code, stdout, stderr = run("export-gguf", bpe_model, tmp_path / "m.gguf", "--dtype", "f16")
+    assert code == 0, stderr
+    assert "with its tokenizer" in stdout
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    data = json.loads((bpe_model / TOKENIZER_FILE).read_text())
+    vocab = data["model"]["vocab"]
+    n = len(vocab)
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == json.loads((bpe_model / "config.json").read_text())["vocab_size"] == n + 4
+    assert tokens[:n] == sorted(vocab, key=vocab.get)
+    assert tokens[n:] == [f"[PAD{i}]" for i in range(n, n + 4)]
+    assert field(reader, "tokenizer.ggml.merges") == [" ".join(m) if isinstance(m, list) else m
+                                                      for m in data["model"]["merges"]]
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == "gpt2"
+    eos = vocab["<|endoftext|>"]
+    assert field(reader, "tokenizer.ggml.eos_token_id") == eos
+    token_types = field(reader, "tokenizer.ggml.token_type")
+    assert token_types[eos] == gguf.TokenType.CONTROL
+    assert token_types[n:] == [gguf.TokenType.UNUSED] * 4
+    assert token_types.count(gguf.TokenType.NORMAL) == n - 1
+    assert field(reader, "general.name") == "model"
+
+
+def test_cli_refuses_loop_embedding(tmp_path):
+    model = random_model(small_config(loop_embedding=True), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "m")
+    code, _, stderr = run("export-gguf", tmp_path / "m", tmp_path / "m.gguf")
+    assert code == 2
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1 and "loop embedding" in stderr
+    assert not (tmp_path / "m.gguf").exists()
+    with pytest.raises(ConfigError, match="loop embedding"):
+        export_gguf(model, tmp_path / "m.gguf")
+
+
+def test_cli_bad_dtype_and_unwritable_output(tmp_path):
+    model = random_model(small_config(), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "m")
+    code, _, stderr = run("export-gguf", tmp_path / "m", tmp_path / "m.gguf", "--dtype", "q4_k")
+    assert code == 2 and stderr.startswith("error: ") and "q4_k" in stderr and stderr.count("\n") == 1
+    with pytest.raises(ConfigError, match="unknown GGUF dtype"):
+        export_gguf(model, tmp_path / "m.gguf", dtype="bf16")
+    code, _, stderr = run("export-gguf", tmp_path / "m", tmp_path / "no" / "such" / "m.gguf")
+    assert code == 2 and stderr.startswith("error: cannot write ") and stderr.count("\n") == 1
+    code, _, stderr = run("export-gguf", tmp_path / "m", tmp_path)  # a directory
+    assert code == 2 and stderr.startswith("error: cannot write ") and stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp file left behind
+
+
+def test_refuses_other_architectures(tmp_path):
+    from dataclasses import fields
+
+    from speedec.config import ModelConfig
+
+    if "architecture" not in {f.name for f in fields(ModelConfig)}:
+        pytest.skip("this speedec has one architecture")
+    model = random_model(small_config(architecture="ouro", exit_readout_rank=None), dtype=torch.float32)
+    with pytest.raises(ConfigError, match="ouro model"):
+        export_gguf(model, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
