@@ -244,3 +244,42 @@ def test_refuses_other_architectures(tmp_path):
     with pytest.raises(ConfigError, match="ouro model"):
         export_gguf(model, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+# llama.cpp as a bench peer: only the path without llama-cpp-python is tested here.
+def test_bench_rows_skip_llamacpp_without_it(monkeypatch):
+    import speedec.bench.llamacpp as peer
+    from speedec.cli.bench import bench_rows
+
+    monkeypatch.setattr(peer, "llamacpp_available", lambda: False)
+    specs, notes = bench_rows("autoregressive,llamacpp-f32,speed,llamacpp-f16,llamacpp-q8_0", "1")
+    assert [s.label for s in specs] == ["autoregressive", "speed"]
+    assert notes == ["llama_cpp (llama-cpp-python) is not installed: llamacpp-f32, llamacpp-f16, "
+                     "llamacpp-q8_0 skipped (pip install 'speedec[llamacpp]')"]
+
+
+def test_bench_without_llamacpp_notes_and_runs(monkeypatch):
+    import speedec.bench.llamacpp as peer
+
+    monkeypatch.setattr(peer, "llamacpp_available", lambda: False)
+    code, stdout, stderr = run("bench", "--preset", "tiny", "--engines", "autoregressive,llamacpp-f32",
+                               "--prompts", 1, "--prompt-len", 4, "--max-new-tokens", 4, "--repeats", 1,
+                               "--warmup", 0, "--bandwidth-mb", 8)
+    assert code == 0, stderr
+    assert "note: llama_cpp (llama-cpp-python) is not installed: llamacpp-f32 skipped" in stdout
+    assert "llamacpp-f32 " not in stdout.split("note:")[0]
+
+
+def test_llamacpp_rows_are_specs_when_importable(monkeypatch):
+    import speedec.bench.llamacpp as peer
+    from speedec.bench.runner import EngineSpec, bytes_per_token
+    from speedec.cli.bench import bench_rows
+
+    monkeypatch.setattr(peer, "llamacpp_available", lambda: True)
+    specs, notes = bench_rows("llamacpp-f32,llamacpp-q8_0", "1")
+    assert specs == [EngineSpec("llamacpp-f32", "llamacpp", "f32"), EngineSpec("llamacpp-q8_0", "llamacpp", "q8_0")]
+    assert notes == []
+    model = random_model(small_config(), dtype=torch.float32)
+    hf = bytes_per_token(EngineSpec("hf-generate", "hf", "generate"), model, None, 1, 10)
+    assert bytes_per_token(specs[0], model, None, 1, 10) == hf
+    assert bytes_per_token(specs[1], model, None, 1, 10) is None

@@ -31,9 +31,11 @@ class EngineSpec:
 
     # Name shown in tables and JSON, e.g. "self-speculative k=2".
     label: str
-    # "ours" (a speedec engine) or "hf" (transformers' generate on the exported Llama).
+    # "ours" (a speedec engine), "hf" (transformers' generate on the exported Llama) or
+    # "llamacpp" (llama.cpp on the exported GGUF).
     kind: str
-    # speedec engine name, or "generate" / "early-exit" for kind "hf".
+    # speedec engine name, "generate" / "early-exit" for kind "hf", the GGUF weight type
+    # (f32, f16, q8_0) for kind "llamacpp".
     engine: str
     # Engine options (e.g. draft_tokens).
     options: dict = field(default_factory=dict)
@@ -114,12 +116,15 @@ def bytes_per_token(spec: EngineSpec, model: LoopedLM, stats: GenerationStats | 
     Ours: one read of the unique layers per step and of the head per LM-head
     call, plus prefill (the layers L times and the head once per prompt). HF
     generate: the exported model holds K*L separate layers, so every token
-    reads L copies of the layers and the head.
+    reads L copies of the layers and the head; so does llama.cpp on the f32
+    GGUF (other weight types: None).
     """
     layers, head = weight_bytes(model)
     n_loops = model.config.n_loops
     if spec.kind == "hf":
         return float(n_loops * layers + head) if spec.engine == "generate" else None
+    if spec.kind == "llamacpp":
+        return float(n_loops * layers + head) if spec.engine == "f32" and model.dtype == torch.float32 else None
     if stats is None or new_tokens == 0:
         return None
     prefill = prompts * (n_loops * layers + head)
@@ -141,8 +146,10 @@ def _sum_stats(items: list[GenerationStats]) -> GenerationStats:
     return total
 
 
-def _runner(spec: EngineSpec, model: LoopedLM, hf_model) -> Callable[[list[int], int], tuple]:
+def _runner(spec: EngineSpec, model: LoopedLM, hf_model, llamacpp_peers) -> Callable[[list[int], int], tuple]:
     """A function (prompt, n) -> (tokens, seconds, stats|None)."""
+    if spec.kind == "llamacpp":
+        return llamacpp_peers[spec.engine].run
     if spec.kind == "ours":
         def run(prompt, n):
             start = time.perf_counter()
@@ -166,11 +173,11 @@ def _runner(spec: EngineSpec, model: LoopedLM, hf_model) -> Callable[[list[int],
 
 def run_benchmark(model: LoopedLM, specs: list[EngineSpec], prompts: list[list[int]], *,
                   max_new_tokens: int, repeats: int = 5, warmup: int = 1, hf_model=None,
-                  bandwidth: Bandwidth | None = None, preset: str = "custom",
-                  progress: Callable[[str], None] | None = None) -> BenchReport:
+                  llamacpp_peers: dict | None = None, bandwidth: Bandwidth | None = None,
+                  preset: str = "custom", progress: Callable[[str], None] | None = None) -> BenchReport:
     if not any(s.label == REFERENCE for s in specs):
         specs = [EngineSpec(REFERENCE, "ours", REFERENCE), *specs]
-    runners = {s.label: _runner(s, model, hf_model) for s in specs}
+    runners = {s.label: _runner(s, model, hf_model, llamacpp_peers) for s in specs}
     for _ in range(warmup):
         for s in specs:
             runners[s.label](prompts[0], min(8, max_new_tokens))

@@ -34,12 +34,19 @@ def _model_dir(preset_name: str, model_dir: str | None) -> str | None:
 def bench_rows(engines: str, draft_tokens: str) -> tuple[list, list[str]]:
     """The benchmark rows named by ``--engines`` (specs such as ``speed+correction``; plain
     ``self-speculative`` is one row per ``--draft-tokens`` value) and notes on rows skipped."""
+    from ..bench.llamacpp import LLAMACPP_ROWS, SKIP_NOTE, llamacpp_available
     from ..bench.runner import EngineSpec
     from ..bench.setup import hf_supports_early_exit
     from ..engines.spec import parse_engine_spec
 
-    specs, notes = [], []
+    specs, notes, missing_llamacpp = [], [], []
     for name in split_list(engines):
+        if name in LLAMACPP_ROWS:
+            if llamacpp_available():
+                specs.append(EngineSpec(name, "llamacpp", LLAMACPP_ROWS[name]))
+            else:
+                missing_llamacpp.append(name)
+            continue
         if name in HF_ROWS:
             if name == "hf-early-exit" and not hf_supports_early_exit():
                 notes.append("the installed transformers has no assistant_early_exit: hf-early-exit skipped")
@@ -52,17 +59,21 @@ def bench_rows(engines: str, draft_tokens: str) -> tuple[list, list[str]]:
                 specs.append(EngineSpec(f"self-speculative k={k}", "ours", name, {"draft_tokens": k}))
         else:
             specs.append(EngineSpec(name, "ours", variant.engine, variant.options))
+    if missing_llamacpp:
+        notes.append(SKIP_NOTE.format(rows=", ".join(missing_llamacpp)))
     return specs, notes
 
 
 @click.command()
 @click.option("--preset", "preset_name", default="membound", show_default=True, help=PRESET_HELP)
 @click.option("--model", "model_dir", default=None, help="Benchmark a saved model instead of a preset.")
-@click.option("--engines", default="autoregressive,speed,self-speculative,hf-generate,hf-early-exit",
+@click.option("--engines", default="autoregressive,speed,self-speculative,hf-generate,hf-early-exit,"
+                                   "llamacpp-f32,llamacpp-f16,llamacpp-q8_0",
               show_default=True,
               help="Comma-separated: speedec engines, speed variants (options joined by '+': "
                    "speed+correction, speed+guesses=2, speed+adaptive, speed+correction+guesses=2+adaptive), "
-                   "hf-generate, hf-early-exit.")
+                   "hf-generate, hf-early-exit, llamacpp-f32, llamacpp-f16, llamacpp-q8_0 (llama.cpp on "
+                   "the GGUF export; skipped without llama-cpp-python).")
 @click.option("--draft-tokens", default="1,2,3,4", show_default=True,
               help="k values for self-speculative (one row each).")
 @click.option("--prompts", "n_prompts", default=4, show_default=True, type=AT_LEAST_ONE)
@@ -96,6 +107,11 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
     if residual_scale is not None:
         label = f"{label}-rs{residual_scale:g}"
     hf_model = load_hf_peer(model) if any(s.kind == "hf" for s in specs) else None
+    llamacpp_peers = None
+    if any(s.kind == "llamacpp" for s in specs):
+        from ..bench.llamacpp import load_llamacpp_peers
+
+        llamacpp_peers = load_llamacpp_peers(model, [s.engine for s in specs if s.kind == "llamacpp"])
     prompts = make_prompts(model, model_dir, count=n_prompts, length=prompt_len, seed=seed)
     if len(prompts[0]) + max_new_tokens > model.config.max_seq_len:
         raise click.UsageError("--prompt-len + --max-new-tokens exceeds the model's max_seq_len")
@@ -104,8 +120,8 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
     total = repeats * (len(specs) + (0 if any(s.engine == "autoregressive" for s in specs) else 1))
     with progress_bar(total, "bench") as progress:
         report = run_benchmark(model, specs, prompts, max_new_tokens=max_new_tokens, repeats=repeats,
-                               warmup=warmup, hf_model=hf_model, bandwidth=bandwidth, preset=label,
-                               progress=progress)
+                               warmup=warmup, hf_model=hf_model, llamacpp_peers=llamacpp_peers,
+                               bandwidth=bandwidth, preset=label, progress=progress)
     report.notes.extend(notes)
     click.echo(format_table(report))
     if json_path:
