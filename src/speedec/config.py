@@ -75,6 +75,10 @@ class JsonConfig:
 
 
 
+# Architectures of ModelConfig.architecture.
+ARCHITECTURES = ("llama", "ouro")
+
+
 @dataclass(frozen=True)
 class ModelConfig(JsonConfig):
     vocab_size: int
@@ -99,8 +103,13 @@ class ModelConfig(JsonConfig):
     # the shared LM head), trained to agree with the final loop. None: the
     # exit reads the hidden state through the final norm and head.
     exit_readout_rank: int | None = None
+    # The layer and loop architecture (see ARCHITECTURES): "llama" (pre-norm
+    # layers, final norm once before the head) or "ouro" (sandwich norms on
+    # both branch outputs, the final norm at the end of every loop, a readout
+    # without a second norm, and an early-exit gate).
+    architecture: str = "llama"
 
-    OMIT_AT_DEFAULT = ("loop_embedding", "exit_readout_rank")
+    OMIT_AT_DEFAULT = ("loop_embedding", "exit_readout_rank", "architecture")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "ffn_dim",
@@ -124,6 +133,11 @@ class ModelConfig(JsonConfig):
                                   f"({self.d_model}) or null, got {rank!r}")
             if self.exit_loop is None:
                 raise ConfigError("exit_readout_rank needs an early exit (exit_loop); set it to null")
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"architecture must be one of {', '.join(ARCHITECTURES)}, "
+                              f"got {self.architecture!r}")
+        if self.architecture == "ouro" and (self.loop_embedding or self.exit_readout_rank is not None):
+            raise ConfigError("the ouro architecture has no loop_embedding or exit_readout_rank")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")

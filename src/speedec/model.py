@@ -337,6 +337,22 @@ class LoopedLayer(KernelModule):
         return x + self.mlp_branch(x)
 
 
+class SandwichLayer(LoopedLayer):
+    """A layer whose branch outputs are normalised before they join the residual
+    stream (sandwich norms, the ``"ouro"`` architecture):
+    ``x + attn_out_norm(attention)``, then ``x + mlp_out_norm(mlp)``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.attn_out_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp_out_norm = RMSNorm(config.d_model, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attend) -> torch.Tensor:
+        x = x + self.attn_out_norm(self.attention_branch(x, cos, sin, attend))
+        return x + self.mlp_out_norm(self.mlp_branch(x))
+
+
 class ExitReadout(KernelModule):
     """The drafter: parameters used only at the early exit.
 
@@ -482,16 +498,27 @@ class LoopedModelBase(KernelModule):
 
 
 class LoopedLM(LoopedModelBase):
+    """The decoder-only looped model. ``config.architecture`` picks the layer
+    and loop variant: ``"llama"`` (the default) or ``"ouro"``, whose layers
+    normalise their branch outputs (:class:`SandwichLayer`), whose final norm
+    runs at the end of every loop (:meth:`end_of_loop`) so that the head reads
+    the state without a second norm, and which has an early-exit gate
+    (:meth:`exit_probabilities`)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.ouro = config.architecture == "ouro"
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(LoopedLayer(config) for _ in range(config.n_unique_layers))
+        layer_class = SandwichLayer if self.ouro else LoopedLayer
+        self.layers = nn.ModuleList(layer_class(config) for _ in range(config.n_unique_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         if config.tie_embeddings:
             self.lm_head = None
         else:
             self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.d_model))
+        # The early-exit gate (ouro): hidden state -> logit of exiting after this loop.
+        self.exit_gate = nn.Linear(config.d_model, 1) if self.ouro else None
         self.init_loop_parameters(config)
         self.register_buffer(
             "rope", rope_table(config.max_seq_len, config.head_dim, config.rope_theta),
@@ -516,6 +543,9 @@ class LoopedLM(LoopedModelBase):
                               generator=generator)
             if self.loop_embedding is not None:
                 self.loop_embedding.normal_(0.0, std, generator=generator)
+            if self.exit_gate is not None:
+                self.exit_gate.weight.normal_(0.0, std, generator=generator)
+                self.exit_gate.bias.zero_()
         self.reset_norms()
         if self.exit_readout is not None:
             self.exit_readout.reset_parameters(self.norm, std=std, generator=generator)
@@ -528,11 +558,43 @@ class LoopedLM(LoopedModelBase):
 
     @classmethod
     def from_pretrained(cls, directory, *, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> LoopedLM:
-        """Load a model saved by :meth:`save_pretrained`; errors name the bad file."""
+                        device: str | torch.device = "cpu", exit_loop: int | None = None) -> LoopedLM:
+        """Load a model saved by :meth:`save_pretrained`, or a Hugging Face checkpoint of an
+        architecture speedec imports (Ouro); errors name the bad file. ``exit_loop``: the
+        early exit SPEED drafts from (default: the saved one; 1 for an imported model)."""
         from .storage import from_pretrained
 
-        return from_pretrained(directory, dtype=dtype, device=device)
+        return from_pretrained(directory, dtype=dtype, device=device, exit_loop=exit_loop)
+
+    # ------------------------------------------------------------ architecture
+    def end_of_loop(self, x: torch.Tensor) -> torch.Tensor:
+        """ouro: the final norm closes every loop (the next loop reads the normed state)."""
+        return self.norm(x) if self.ouro else x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """ouro: the state is already normed at the end of every loop, so the head is the
+        LM head alone."""
+        if self.ouro:
+            return linear(x, self.head_weight, self.kernel)
+        return super().head(x)
+
+    def exit_probabilities(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The early-exit gate (ouro) on the states after every loop ``[L, ..., D]``
+        (:meth:`loop_states`): ``(lam, p)``, both ``[L, ...]``, with
+        ``lam_e = sigmoid(gate(h_e))`` and ``p_e = lam_e * prod_{j<e}(1 - lam_j)`` for
+        ``e < L - 1``; the last loop takes the remaining probability."""
+        if self.exit_gate is None:
+            raise ValueError("this model has no early-exit gate (architecture 'ouro' has one)")
+        lam = torch.sigmoid(self.exit_gate(states).squeeze(-1))
+        survive = torch.cumprod(1 - lam, dim=0)
+        remain = torch.cat((torch.ones_like(survive[:1]), survive[:-1]))
+        p = torch.cat((lam[:-1] * remain[:-1], remain[-1:]))
+        return lam, p
+
+    def loop_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[L, B, T, D]``: the state after every loop of ``tokens [B, T]`` (what each
+        loop's readout reads), as :meth:`forward` computes it."""
+        return torch.stack(list(self._loops(tokens)))
 
     # --------------------------------------------------------------- training
     def forward(self, tokens: torch.Tensor, *, output_loops: tuple[int, ...] = (),
@@ -545,12 +607,25 @@ class LoopedLM(LoopedModelBase):
         one), from the exit loop's state and the head with gradients cut.
         """
         c = self.config
-        B, T = tokens.shape
-        if T > c.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {c.max_seq_len}")
         for n in output_loops:
             if not 1 <= n < c.n_loops:
                 raise ValueError(f"output_loops entries must be in 1..{c.n_loops - 1}, got {n}")
+        loop_logits = {}
+        draft_logits = None
+        for loop, x in enumerate(self._loops(tokens)):
+            if loop + 1 in output_loops:
+                loop_logits[loop + 1] = self.head(x)
+            if output_draft and self.exit_readout is not None and loop + 1 == c.exit_loop:
+                # The trunk and the head get no gradient from the drafter's loss.
+                draft_logits = linear(self.exit_readout(x.detach()), self.head_weight.detach(), self.kernel)
+        return LoopedOutput(logits=self.head(x), loop_logits=loop_logits, draft_logits=draft_logits)
+
+    def _loops(self, tokens: torch.Tensor):
+        """The state of ``tokens [B, T]`` after each loop, one loop at a time."""
+        c = self.config
+        B, T = tokens.shape
+        if T > c.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {c.max_seq_len}")
         rope = self.rope[:T].to(self.dtype)
         cos, sin = rope[None, :, 0, None, :], rope[None, :, 1, None, :]  # [1, T, 1, hd]
         rep = c.n_heads // c.n_kv_heads
@@ -564,19 +639,12 @@ class LoopedLM(LoopedModelBase):
             return out.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
 
         x = self.embed(tokens)
-        loop_logits = {}
-        draft_logits = None
         for loop in range(c.n_loops):
             x = self.begin_loop(x, loop)
             for layer in self.layers:
                 x = layer(x, cos, sin, attend)
             x = self.end_of_loop(x)
-            if loop + 1 in output_loops:
-                loop_logits[loop + 1] = self.head(x)
-            if output_draft and self.exit_readout is not None and loop + 1 == c.exit_loop:
-                # The trunk and the head get no gradient from the drafter's loss.
-                draft_logits = linear(self.exit_readout(x.detach()), self.head_weight.detach(), self.kernel)
-        return LoopedOutput(logits=self.head(x), loop_logits=loop_logits, draft_logits=draft_logits)
+            yield x
 
     # ---------------------------------------------------------------- engines
 
