@@ -69,6 +69,18 @@ class Conversion:
     @classmethod
     def from_ours(cls, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Our model's tensors under their names (contiguous CPU copies, ready to save)."""
+        out = cls.their_views(model)
+        # safetensors needs separate, contiguous storage for every name.
+        return {name: t.detach().to("cpu").contiguous().clone() for name, t in out.items()}
+
+    @classmethod
+    def their_shapes(cls, model: torch.nn.Module) -> dict[str, torch.Size]:
+        """The shape of every tensor of theirs that ``model``'s config implies."""
+        return {name: t.shape for name, t in cls.their_views(model).items()}
+
+    @classmethod
+    def their_views(cls, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Our model's tensors under their names, as views (no copies)."""
         config, state = model.config, model.state_dict()
         placed = {*cls.globals, *(f"layers.{k}.{ours}" for k in range(config.n_unique_layers) for ours in cls.layer)}
         unplaced = [n for n in state if n not in placed and not n.startswith(cls.not_exported)]
@@ -81,8 +93,7 @@ class Conversion:
                 tensor = state[f"layers.{k}.{ours}"]
                 pieces = tensor.split(theirs.rows(config)) if isinstance(theirs, Fused) else (tensor,)
                 out.update(zip(cls._parts(i, theirs), pieces))
-        # safetensors needs separate, contiguous storage for every name.
-        return {name: t.detach().to("cpu").contiguous().clone() for name, t in out.items()}
+        return out
 
     @classmethod
     def to_ours(cls, tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:

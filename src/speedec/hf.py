@@ -25,29 +25,38 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float1
                 torch.bfloat16: "bfloat16"}
 
 
-def hf_config(model: LoopedLM) -> dict:
+def decoder_config(model: LoopedLM, architecture: str, model_type: str, num_hidden_layers: int) -> dict:
+    """The ``config.json`` fields a Hugging Face decoder of ``model``'s shapes has in common
+    with any other (Llama, Ouro)."""
     c = model.config
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": c.vocab_size,
         "hidden_size": c.d_model,
         "intermediate_size": c.ffn_dim,
-        "num_hidden_layers": c.n_virtual_layers,
+        "num_hidden_layers": num_hidden_layers,
         "num_attention_heads": c.n_heads,
         "num_key_value_heads": c.n_kv_heads,
         "head_dim": c.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": c.max_seq_len,
         "rms_norm_eps": c.norm_eps,
-        # Both spellings: transformers 5 reads rope_parameters, 4.x rope_theta.
         "rope_theta": c.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-        "attention_bias": False,
-        "mlp_bias": False,
         "tie_word_embeddings": c.tie_embeddings,
         "torch_dtype": _DTYPE_NAMES.get(model.dtype, "float32"),
         "use_cache": True,
+    }
+
+
+def hf_config(model: LoopedLM) -> dict:
+    c = model.config
+    return {
+        **decoder_config(model, "LlamaForCausalLM", "llama", c.n_virtual_layers),
+        # Both spellings: transformers 5 reads rope_parameters, 4.x rope_theta.
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "attention_bias": False,
+        "mlp_bias": False,
     }
 
 
@@ -77,7 +86,12 @@ class LlamaConversion(Conversion):
 
 
 def export_hf(model: LoopedLM, directory: str | Path) -> Path:
-    """Write ``model`` as a Hugging Face Llama checkpoint in ``directory``."""
+    """Write ``model`` as a Hugging Face checkpoint in ``directory``: an Ouro checkpoint
+    for an ``architecture = "ouro"`` model, else a plain Llama."""
+    if model.config.architecture == "ouro":
+        from .ouro import export_ouro
+
+        return export_ouro(model, directory)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = LlamaConversion.from_ours(model)

@@ -1,5 +1,6 @@
 """Model directories: ``config.json`` + ``model.safetensors``, written atomically,
-read through one registry of formats.
+read through one registry of formats (and Hugging Face checkpoints of the
+architectures in :data:`IMPORTED`).
 
 ``config.json`` names its format (``"format"`` and ``"format_version"``);
 :data:`FORMATS` maps each format to the config class and the model class that
@@ -35,6 +36,8 @@ from .errors import ConfigError, ModelLoadError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# A sharded Hugging Face checkpoint's index: {"weight_map": {tensor name: shard file}}.
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -99,6 +102,29 @@ ENCDEC_LM = ModelFormat("speedec-encdec-lm", 1, "speedec encoder-decoder config"
 FORMATS: dict[str, ModelFormat] = {f.name: f for f in (LOOPED_LM, ENCDEC_LM)}
 
 
+@dataclass(frozen=True)
+class ImportedFormat:
+    """A Hugging Face architecture speedec imports: a ``config.json`` whose
+    ``"model_type"`` is ``model_type``, read into the ``reads`` format's classes."""
+
+    model_type: str
+    # The speedec format whose model class runs it.
+    reads: ModelFormat
+    # The module that reads it: config_from_hf(data, path) -> config and
+    # load_weights(model, directory, dtype=, device=) -> model.
+    reader_module: str
+
+    @property
+    def reader(self) -> Any:
+        return importlib.import_module(self.reader_module)
+
+
+# Hugging Face checkpoints speedec loads, by their config's "model_type".
+IMPORTED: dict[str, ImportedFormat] = {
+    "ouro": ImportedFormat("ouro", LOOPED_LM, "speedec.ouro"),
+}
+
+
 def format_of(model: torch.nn.Module) -> ModelFormat:
     """The registered format a model is saved in."""
     for fmt in FORMATS.values():
@@ -140,6 +166,9 @@ def read_config(directory: str | Path, expected: ModelFormat | None = None) -> t
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
     name = data.pop("format", None) if isinstance(data, dict) else None
+    if name is None and isinstance(data, dict) and "model_type" in data:
+        fmt, config, _ = _read_imported(path, data, expected, None)
+        return fmt, config
     if expected is not None:
         if name != expected.name:
             raise ModelLoadError(f"{path} is not a {expected.description} (no \"format\": \"{expected.name}\")")
@@ -157,6 +186,64 @@ def read_config(directory: str | Path, expected: ModelFormat | None = None) -> t
         raise ModelLoadError(f"{path}: {exc}") from None
 
 
+def _read_imported(path: Path, data: dict, expected: ModelFormat | None,
+                   exit_loop: int | None) -> tuple[ModelFormat, Any, ImportedFormat]:
+    """The format and config of a Hugging Face ``config.json`` of an imported architecture."""
+    model_type = data["model_type"]
+    imported = IMPORTED.get(model_type) if isinstance(model_type, str) else None
+    if imported is None:
+        raise ModelLoadError(f"{path} has model_type {model_type!r}; speedec imports "
+                             f"{', '.join(IMPORTED)} checkpoints and its own models")
+    if expected is not None and expected is not imported.reads:
+        raise ModelLoadError(f"{path} is not a {expected.description} (a {model_type} checkpoint)")
+    config = imported.reader.config_from_hf(data, path)
+    if exit_loop is not None:
+        config = config.replace(exit_loop=exit_loop)
+    return imported.reads, config, imported
+
+
+def read_hf_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path], Path]:
+    """The tensors of a Hugging Face checkpoint: ``model.safetensors``, or the shards that
+    ``model.safetensors.index.json`` names. Returns the tensors, the file each came from and
+    the file that describes them all (for errors); every problem is a ModelLoadError naming a file."""
+    index = directory / INDEX_FILE
+    if not index.is_file():
+        path = directory / WEIGHTS_FILE
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing (and there is no {INDEX_FILE})")
+        tensors = _read_safetensors(path)
+        return tensors, dict.fromkeys(tensors, path), path
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{index} is not a valid safetensors index: {exc}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    sources: dict[str, Path] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = directory / shard
+        if Path(shard).name != shard:
+            raise ModelLoadError(f"{index} names shard {shard!r} outside the model directory")
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing (a shard named by {index})")
+        for name, tensor in _read_safetensors(path).items():
+            if weight_map.get(name) != shard:
+                raise ModelLoadError(f"{path} holds {name}, which {index} places elsewhere")
+            tensors[name], sources[name] = tensor, path
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+        raise ModelLoadError(f"{index} names tensor(s) its shards lack: {', '.join(absent[:5])}")
+    return tensors, sources, index
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is truncated or corrupt: {exc}") from None
+
+
 def load_config(directory: str | Path, expected: ModelFormat | None = LOOPED_LM):
     """The config of a model directory of the ``expected`` format (decoder-only unless told;
     None: any registered format)."""
@@ -164,12 +251,30 @@ def load_config(directory: str | Path, expected: ModelFormat | None = LOOPED_LM)
 
 
 def from_pretrained(directory: str | Path, expected: ModelFormat | None = LOOPED_LM, *,
-                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    exit_loop: int | None = None):
     """The model saved in ``directory``, of the ``expected`` format (decoder-only unless
-    told; None: whichever registered format the directory holds)."""
+    told; None: whichever registered format the directory holds), or the Hugging Face
+    checkpoint of an imported architecture there. ``exit_loop`` replaces the config's
+    early exit (decoder-only models)."""
     directory = Path(directory)
+    data = _peek_config(directory)
+    if isinstance(data, dict) and "format" not in data and "model_type" in data:
+        fmt, config, imported = _read_imported(directory / CONFIG_FILE, data, expected, exit_loop)
+        return imported.reader.load_weights(fmt.model_class(config), directory, dtype=dtype, device=device)
     fmt, config = read_config(directory, expected)
-    return load_weights(fmt.model_class(config), directory, dtype=dtype, device=device)
+    model = load_weights(fmt.model_class(config), directory, dtype=dtype, device=device)
+    if exit_loop is not None and exit_loop != config.exit_loop:
+        model.config = config.replace(exit_loop=exit_loop)
+    return model
+
+
+def _peek_config(directory: Path) -> Any:
+    """``config.json`` as JSON, or None when it cannot be read (read_config then says why)."""
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def load_weights(model, directory: Path, *, dtype: torch.dtype, device: str | torch.device):
