@@ -13,11 +13,12 @@ from .errors import (
 )
 from .hf import export_hf
 from .model import LoopedLM
+from .tokenizer import chat_prompt
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ENGINES", "PRESETS", "ConfigError", "DataError", "GenerationError", "GenerationResult",
     "GenerationStats", "LoopedLM", "ModelConfig", "ModelLoadError", "SpeedecError",
-    "TokenizerError", "TrainingError", "export_hf", "generate",
+    "TokenizerError", "TrainingError", "chat_prompt", "export_hf", "generate",
 ]

@@ -3,18 +3,27 @@
 Engines never see text; the CLI and evaluation use these to go between text
 and ids. A model directory with a ``tokenizer.json`` uses it; one without
 falls back to one token per UTF-8 byte (needs ``vocab_size >= 256``).
+
+A Hugging Face checkpoint (an imported Ouro model) also brings
+``tokenizer_config.json`` (its chat template: :func:`chat_prompt`) and
+``generation_config.json`` (its end-of-text token; see :func:`stop_token_id`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import TokenizerError
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 EOS_TOKEN = "<|endoftext|>"
+# Where a ChatML turn ends: generation stops there when the tokenizer has it.
+CHAT_END_TOKEN = "<|im_end|>"
 
 
 class Tokenizer(Protocol):
@@ -63,6 +72,9 @@ class BPETokenizer:
         """``encode`` of many texts at once (the library spreads them over threads)."""
         return [enc.ids for enc in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
     def decode(self, ids: Sequence[int]) -> str:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -79,12 +91,103 @@ def load_tokenizer(model_dir: str | Path | None, vocab_size: int) -> Tokenizer:
             raise TokenizerError(
                 f"{Path(model_dir) / TOKENIZER_FILE} has {tok.vocab_size} tokens but the model's "
                 f"vocabulary has only {vocab_size}")
+        if (Path(model_dir) / GENERATION_CONFIG_FILE).is_file():
+            tok.eos_token_id = stop_token_id(model_dir, tok)
         return tok
     if vocab_size < 256:
         raise TokenizerError(
             f"this model has no {TOKENIZER_FILE} and its vocabulary ({vocab_size}) is too small for "
             "byte-level text; pass token ids instead")
     return ByteTokenizer()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TokenizerError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"{path} is not valid JSON: {exc}") from None
+
+
+def stop_token_id(model_dir: str | Path, tokenizer: BPETokenizer) -> int | None:
+    """Where generation stops for a Hugging Face checkpoint: ``<|im_end|>`` when the
+    tokenizer defines it (Ouro's published configs say eos = bos = pad = 0,
+    ``<|endoftext|>``, which ends no chat turn), else ``generation_config.json``'s
+    ``eos_token_id`` (the first, if a list), else the tokenizer's end-of-text."""
+    chat_end = tokenizer.token_to_id(CHAT_END_TOKEN)
+    if chat_end is not None:
+        return chat_end
+    path = Path(model_dir) / GENERATION_CONFIG_FILE
+    eos = _read_json(path).get("eos_token_id") if path.is_file() else None
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if isinstance(eos, int) and not isinstance(eos, bool):
+        return eos
+    return tokenizer.eos_token_id
+
+
+def chat_template(model_dir: str | Path) -> tuple[str, dict]:
+    """The chat template of a checkpoint and its ``tokenizer_config.json`` (for the
+    special-token strings a template may use)."""
+    path = Path(model_dir) / TOKENIZER_CONFIG_FILE
+    if not path.is_file():
+        raise TokenizerError(f"{path} is missing: this model has no chat template")
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path} is not a JSON object")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    jinja_file = Path(model_dir) / "chat_template.jinja"
+    if template is None and jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+    if not isinstance(template, str):
+        raise TokenizerError(f"{path} has no chat_template")
+    return template, config
+
+
+def _token_text(value: Any) -> str:
+    """A special token of tokenizer_config.json as text (a string or {"content": ...})."""
+    if isinstance(value, Mapping):
+        return str(value.get("content", ""))
+    return "" if value is None else str(value)
+
+
+def render_chat(model_dir: str | Path, messages: str | Sequence[Mapping[str, str]]) -> str:
+    """The checkpoint's chat template applied to ``messages`` (a string is one user
+    message), with the prompt for the assistant's turn appended."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    messages = [dict(m) for m in messages]
+    if not messages:
+        raise TokenizerError("a chat needs at least one message")
+    template, config = chat_template(model_dir)
+
+    def raise_exception(message: str) -> None:
+        raise TokenizerError(f"the chat template refused the messages: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=True,
+            bos_token=_token_text(config.get("bos_token")), eos_token=_token_text(config.get("eos_token")))
+    except jinja2.TemplateError as exc:
+        raise TokenizerError(f"{Path(model_dir) / TOKENIZER_CONFIG_FILE}: chat template: {exc}") from None
+
+
+def chat_prompt(model_dir: str | Path, messages: str | Sequence[Mapping[str, str]]) -> list[int]:
+    """Prompt ids for a chat: :func:`render_chat` encoded with the checkpoint's
+    ``tokenizer.json`` (special tokens in the text become their ids)."""
+    path = Path(model_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise TokenizerError(f"{path} is missing: a chat needs the model's own tokenizer")
+    return BPETokenizer(path).encode(render_chat(model_dir, messages))
 
 
 def train_bpe(files: Iterable[str | Path], out_path: str | Path, *, vocab_size: int = 8192,

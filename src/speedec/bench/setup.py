@@ -26,14 +26,18 @@ ENGLISH_PROMPTS = [
 
 
 def build_model(preset_name: str, *, seed: int = 0, model_dir: str | Path | None = None,
-                residual_scale: float | None = None) -> LoopedLM:
+                residual_scale: float | None = None, exit_loop: int | None = None) -> LoopedLM:
     """A preset's random-weight model (residual branches scaled by the preset's
-    scale unless ``residual_scale`` is given), or a saved model when ``model_dir`` is given."""
+    scale unless ``residual_scale`` is given), or a saved model when ``model_dir`` is given;
+    ``exit_loop`` replaces its early exit."""
     if model_dir is not None:
-        return LoopedLM.from_pretrained(model_dir)
+        return LoopedLM.from_pretrained(model_dir, exit_loop=exit_loop)
     if residual_scale is None:
         residual_scale = PRESET_RESIDUAL_SCALE.get(preset_name, 1.0)
-    return LoopedLM.random(preset(preset_name), seed=seed, residual_scale=residual_scale)
+    config = preset(preset_name)
+    if exit_loop is not None:
+        config = config.replace(exit_loop=exit_loop)
+    return LoopedLM.random(config, seed=seed, residual_scale=residual_scale)
 
 
 def make_prompts(model: LoopedLM, model_dir: str | Path | None, *, count: int, length: int,

@@ -12,6 +12,7 @@ from .common import (
     AT_LEAST_ONE,
     POSITIVE,
     IntRange,
+    exit_loop_option,
     parse_ids,
     progress_bar,
     set_threads,
@@ -90,8 +91,9 @@ def bench_rows(engines: str, draft_tokens: str) -> tuple[list, list[str]]:
 @click.option("--residual-scale", type=POSITIVE, default=None,
               help="Random presets: scale of the residual branches (sets the acceptance; "
                    "default: the preset's).")
+@exit_loop_option
 def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, max_new_tokens, repeats,
-          warmup, threads, seed, json_path, plots_dir, bandwidth_mb, residual_scale) -> None:
+          warmup, threads, seed, json_path, plots_dir, bandwidth_mb, residual_scale, exit_loop) -> None:
     """Measure engines side by side (interleaved, paired) and print a table."""
     from ..bench import measure_bandwidth, run_benchmark
     from ..bench.report import format_table, write_json, write_plots
@@ -102,7 +104,12 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
     if residual_scale is not None and model_dir is not None:
         raise click.UsageError("--residual-scale takes a positive number and applies to random presets only")
     specs, notes = bench_rows(engines, draft_tokens)
-    model = build_model(preset_name, seed=seed, model_dir=model_dir, residual_scale=residual_scale)
+    model = build_model(preset_name, seed=seed, model_dir=model_dir, residual_scale=residual_scale,
+                        exit_loop=exit_loop)
+    if model.config.architecture != "llama" and any(s.kind == "hf" for s in specs):
+        # The Hugging Face peers run the model exported as a plain Llama.
+        specs = [s for s in specs if s.kind != "hf"]
+        notes.append(f"the Hugging Face peers are Llama exports: skipped for a {model.config.architecture} model")
     label = preset_name if model_dir is None or preset_name == "default" else Path(model_dir).name
     if residual_scale is not None:
         label = f"{label}-rs{residual_scale:g}"

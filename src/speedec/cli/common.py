@@ -113,10 +113,19 @@ def sampling_options(func: Callable) -> Callable:
     ], func)
 
 
-def load_model(model: str | None, dtype: str, device: str) -> tuple[Path, LoopedLM]:
-    """The model directory (the bundled model when None) and its model, kernel prepared."""
+exit_loop_option = click.option(
+    "--exit-loop", type=AT_LEAST_ONE, default=None,
+    help="Loops before the early exit SPEED drafts from (default: the model's; 1 for an imported "
+         "checkpoint).")
+
+
+def load_model(model: str | None, dtype: str, device: str,
+               exit_loop: int | None = None) -> tuple[Path, LoopedLM]:
+    """The model directory (the bundled model when None) and its model, kernel prepared;
+    ``exit_loop`` replaces the model's early exit."""
     directory = resolve_model_dir(model)
-    loaded = LoopedLM.from_pretrained(directory, dtype=DTYPES[dtype], device=parse_device(device))
+    loaded = LoopedLM.from_pretrained(directory, dtype=DTYPES[dtype], device=parse_device(device),
+                                      exit_loop=exit_loop)
     prepare_kernel(loaded)
     return directory, loaded
 

@@ -12,6 +12,7 @@ from .common import (
     device_option,
     dtype_option,
     engine_options,
+    exit_loop_option,
     load_model,
     parse_ids,
     sampling_options,
@@ -26,10 +27,13 @@ from .common import (
 @click.option("--model", "model_dir", help="Model directory (default: the bundled model).")
 @click.option("--prompt", help="Prompt text.")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--chat", is_flag=True,
+              help="The prompt is a user message: apply the model's chat template (tokenizer_config.json).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--engine", default="speed", show_default=True,
               help="speed, autoregressive or self-speculative.")
 @speculation_options
+@exit_loop_option
 @click.option("--eos-token-id", type=int, default=None,
               help="Stop at this token (default: the tokenizer's end-of-text, if any).")
 @sampling_options
@@ -38,14 +42,14 @@ from .common import (
 @threads_option()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
 @click.option("--stream", is_flag=True, help="Print text as tokens are verified.")
-def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, draft_tokens,
-             early_correction, guesses, adaptive, eos_token_id, temperature, top_k, top_p, seed, dtype, device,
+def generate(prompt_arg, model_dir, prompt, prompt_ids, chat, max_new_tokens, engine, draft_tokens,
+             early_correction, guesses, adaptive, exit_loop, eos_token_id, temperature, top_k, top_p, seed, dtype, device,
              threads, as_json, stream) -> None:
     """Generate a continuation of a prompt (greedy by default, where every engine gives the
     same tokens; with --temperature every engine samples from the same distribution)."""
     from ..engines import engine_class
     from ..engines import generate as run_generate
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import load_tokenizer, render_chat
 
     if prompt_arg is not None and prompt is not None:
         raise click.UsageError("give the prompt once: as an argument or with --prompt")
@@ -57,7 +61,11 @@ def generate(prompt_arg, model_dir, prompt, prompt_ids, max_new_tokens, engine, 
     ids = parse_ids(prompt_ids) if prompt_ids is not None else None
     if prompt is not None and not prompt:
         raise GenerationError("the prompt is empty")
-    directory, model = load_model(model_dir, dtype, device)
+    if chat and prompt is None:
+        raise click.UsageError("--chat needs a text prompt, not --prompt-ids")
+    directory, model = load_model(model_dir, dtype, device, exit_loop)
+    if chat:
+        prompt = render_chat(directory, prompt)
     tokenizer = None
     try:
         tokenizer = load_tokenizer(directory, model.config.vocab_size)
