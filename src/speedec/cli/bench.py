@@ -106,10 +106,11 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
     specs, notes = bench_rows(engines, draft_tokens)
     model = build_model(preset_name, seed=seed, model_dir=model_dir, residual_scale=residual_scale,
                         exit_loop=exit_loop)
-    if model.config.architecture != "llama" and any(s.kind == "hf" for s in specs):
-        # The Hugging Face peers run the model exported as a plain Llama.
-        specs = [s for s in specs if s.kind != "hf"]
-        notes.append(f"the Hugging Face peers are Llama exports: skipped for a {model.config.architecture} model")
+    if model.config.architecture != "llama" and any(s.kind in ("hf", "llamacpp") for s in specs):
+        # The Hugging Face and llama.cpp peers run the model exported as a plain Llama.
+        specs = [s for s in specs if s.kind not in ("hf", "llamacpp")]
+        notes.append(f"the Hugging Face and llama.cpp peers are Llama exports: skipped for a "
+                     f"{model.config.architecture} model")
     label = preset_name if model_dir is None or preset_name == "default" else Path(model_dir).name
     if residual_scale is not None:
         label = f"{label}-rs{residual_scale:g}"

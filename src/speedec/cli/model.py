@@ -41,7 +41,8 @@ def init(preset_name, config_file, out, seed, residual_scale, force) -> None:
 @click.argument("model_dir")
 @click.argument("out_dir")
 def export_hf(model_dir, out_dir) -> None:
-    """Write MODEL_DIR as a Hugging Face Llama checkpoint (K*L layers) in OUT_DIR."""
+    """Write MODEL_DIR as a Hugging Face checkpoint in OUT_DIR: a plain Llama (K*L layers), or an
+    imported model in its own architecture's format."""
     import shutil
 
     from ..hf import export_hf as export
@@ -52,7 +53,11 @@ def export_hf(model_dir, out_dir) -> None:
     tokenizer = Path(model_dir) / TOKENIZER_FILE
     if tokenizer.is_file():
         shutil.copyfile(tokenizer, Path(out_dir) / TOKENIZER_FILE)
-    click.echo(f"wrote {out_dir} (LlamaForCausalLM, {model.config.n_virtual_layers} layers)")
+    if model.config.architecture == "llama":
+        click.echo(f"wrote {out_dir} (LlamaForCausalLM, {model.config.n_virtual_layers} layers)")
+    else:
+        click.echo(f"wrote {out_dir} ({model.config.architecture}: {model.config.n_unique_layers} layers x "
+                   f"{model.config.n_loops} loops)")
 
 
 @click.command("export-gguf")
