@@ -62,6 +62,10 @@ def test_avx2_kernel_rejects_bad_operands():
         op(torch.ones(2, 8), torch.ones(4, 9))
     with pytest.raises(RuntimeError, match="float32"):
         op(torch.ones(2, 8, dtype=torch.float64), torch.ones(4, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="float32 weights take float32 rows"):
+        op(torch.ones(2, 8, dtype=torch.bfloat16), torch.ones(4, 8))
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        op(torch.ones(2, 8, dtype=torch.float16), torch.ones(4, 8, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("name", ["avx2", "onednn", "torch", "auto"])
@@ -147,6 +151,15 @@ def test_a_failed_build_warns_once_and_falls_back(kernel, monkeypatch, tmp_path)
         assert not kernels.avx2_kernel_available()
     assert kernels._AVX2_ERROR
     assert kernel("auto") in ("onednn", "matmul")
+    # A bf16 model falls back too (W @ x.T: oneDNN's path is float32's) and decodes.
+    from helpers import random_model, small_config
+    from speedec.engines import generate
+
+    model = random_model(small_config(), dtype=torch.bfloat16)
+    kernels.prepare_kernel(model)
+    monkeypatch.setattr(torch.ops.speedec_kernels, "few_rows_linear", None, raising=False)  # never called
+    assert generate(model, [1, 2, 3], 8, engine="speed").tokens == \
+        generate(model, [1, 2, 3], 8, engine="autoregressive").tokens
 
 
 def test_a_build_lock_is_waited_for_then_cleared_when_stale(tmp_path, monkeypatch):

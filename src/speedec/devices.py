@@ -6,7 +6,8 @@ import torch
 
 from .errors import SpeedecError
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
 
 
 def parse_device(name: str) -> torch.device:

@@ -21,8 +21,13 @@ The AVX2 kernel is compiled on first use (about 15 s, cached under
 lacks AVX2/FMA, oneDNN is used. ``SPEEDEC_KERNEL`` picks explicitly:
 ``auto`` (default: ``avx2``, else oneDNN, else ``W @ x.T``), ``avx2``,
 ``onednn`` or ``torch`` (plain ``F.linear``).
-Training (gradients on), other dtypes/devices and many rows always use
-``F.linear``.
+bfloat16 weights (a bf16 checkpoint loaded in its own dtype) take the same
+AVX2 kernel: each weight is widened to float32 as it is loaded, products and
+sums are float32 (in the float32 path's order, so it is batch-invariant the
+same way) and the output has the rows' dtype; it reads half the bytes of
+float32. Without the AVX2 kernel, bf16 products use ``W @ x.T`` (oneDNN's
+float32 path does not apply). Training (gradients on), other dtypes/devices
+and many rows always use ``F.linear``.
 
 Which kernel a product uses is decided per model, not by a setting shared
 by the process: :func:`prepare_kernel` stores the choice on the model
@@ -141,7 +146,7 @@ def _clear_stale_lock(directory: Path, *, poll_s: float = 0.5) -> None:
 
 
 def active_kernel() -> str:
-    """The kernel :func:`linear` uses for a few float32 CPU rows: ``avx2``,
+    """The kernel :func:`linear` uses for a few float32 (or bf16) CPU rows: ``avx2``,
     ``onednn``, ``torch`` (``F.linear``, only when chosen) or ``matmul``
     (``W @ x.T``, the fallback when neither of the first two is available)."""
     choice = kernel_choice()
@@ -169,14 +174,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None) -> 
     # Row-major rows in, row-major rows out: a column-major output pushes the
     # attention that follows off its fast kernel.
     x2 = x.reshape(rows, x.shape[-1]).contiguous()
-    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+    if weight.device.type == "cpu" and _kernel_operands(x2.dtype, weight.dtype):
         kernel = _OVERRIDE.get() or kernel or _DEFAULT or _resolve()
         if kernel == "avx2":
             out = torch.ops.speedec_kernels.few_rows_linear(x2, weight)
             return out.reshape(*x.shape[:-1], weight.shape[0])
+        if x2.dtype != weight.dtype:  # float32 rows, bf16 weights: the fallbacks compute in bf16
+            return linear(x.to(weight.dtype), weight, "matmul" if kernel == "onednn" else kernel).to(x.dtype)
         if kernel == "torch":
             return F.linear(x, weight)
-        if kernel == "onednn":
+        if kernel == "onednn" and weight.dtype == torch.float32:  # (oneDNN's path here is float32's)
             out = torch.ops.mkldnn._linear_pointwise(x2, _onednn_weight(weight), None, "none", [], "")
             return out.reshape(*x.shape[:-1], weight.shape[0])
     if rows == 1:  # MKL's GEMV is slow on one thread: pad to two rows
@@ -185,6 +192,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None) -> 
         out = weight @ x2.T  # [out, rows]
     return out.T.contiguous().reshape(*x.shape[:-1], weight.shape[0])
 
+
+# Weight dtypes the few-row kernels take.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _kernel_operands(rows: torch.dtype, weight: torch.dtype) -> bool:
+    """float32 rows with float32 weights, or float32 / bf16 rows with bf16 weights."""
+    return weight == rows == torch.float32 or (weight == torch.bfloat16 and rows in _KERNEL_DTYPES)
 
 # The process default: resolved on first use (kernel_choice + availability),
 # then only read; reset_kernel_choice forgets it (tests change SPEEDEC_KERNEL).
@@ -221,7 +236,7 @@ def prepare_kernel(model) -> None:
     store the choice on the model (``model.set_kernel``), so that a first-run
     compile is not counted in the timings of the work that follows and the
     model keeps its kernel whatever else the process runs."""
-    if model.device.type == "cpu" and model.dtype == torch.float32:
+    if model.device.type == "cpu" and model.dtype in _KERNEL_DTYPES:
         model.set_kernel(active_kernel())
 
 

@@ -557,11 +557,13 @@ class LoopedLM(LoopedModelBase):
         save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory, *, dtype: torch.dtype = torch.float32,
+    def from_pretrained(cls, directory, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", exit_loop: int | None = None) -> LoopedLM:
         """Load a model saved by :meth:`save_pretrained`, or a Hugging Face checkpoint of an
         architecture speedec imports (Ouro); errors name the bad file. ``exit_loop``: the
-        early exit SPEED drafts from (default: the saved one; 1 for an imported model)."""
+        early exit SPEED drafts from (default: the saved one; 1 for an imported model).
+        ``dtype``: default (None) the checkpoint's own for an imported checkpoint (bf16
+        stays bf16), float32 for speedec's own models."""
         from .storage import from_pretrained
 
         return from_pretrained(directory, dtype=dtype, device=device, exit_loop=exit_loop)

@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .conversion import Conversion
 from .errors import ConfigError, ModelLoadError
 from .hf import LlamaConversion, decoder_config
-from .model import LoopedLM
+from .model import LoopedLM, rope_table
 from .storage import CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text, read_hf_tensors
 
 # The early exit SPEED drafts from in an imported model unless told otherwise.
@@ -88,11 +88,18 @@ def config_from_hf(data: dict, path: Path) -> ModelConfig:
         raise ModelLoadError(f"{path}: {exc}") from None
 
 
-def load_weights(model: LoopedLM, directory: Path, *, dtype: torch.dtype,
+def load_weights(model: LoopedLM, directory: Path, *, dtype: torch.dtype | None,
                  device: str | torch.device) -> LoopedLM:
-    """Fill ``model`` from the Ouro checkpoint in ``directory`` (single file or shards);
-    a missing, misshapen or unplaced tensor is a ModelLoadError naming its file."""
+    """Fill ``model`` from the Ouro checkpoint in ``directory`` (single file or shards), in
+    ``dtype`` (None: the checkpoint's own, see :func:`checkpoint_dtype`); a missing,
+    misshapen or unplaced tensor is a ModelLoadError naming its file.
+
+    ``model`` may be built on the meta device (no memory): it is then materialised in
+    ``dtype`` on ``device`` before the tensors are copied in, so a bf16 checkpoint never
+    takes a float32 copy's memory on its way in."""
     tensors, sources, where = read_hf_tensors(directory)
+    if dtype is None:
+        dtype = checkpoint_dtype(tensors, directory)
     expected = OuroConversion.their_shapes(model)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -105,8 +112,33 @@ def load_weights(model: LoopedLM, directory: Path, *, dtype: torch.dtype,
         state = OuroConversion.to_ours(tensors, model.config)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{where}: {exc}") from None
+    del tensors
+    if model.device.type == "meta":
+        c = model.config
+        model = model.to(dtype=dtype).to_empty(device=device)
+        model.rope = rope_table(c.max_seq_len, c.head_dim, c.rope_theta).to(dtype=dtype, device=device)
+    else:
+        model = model.to(dtype=dtype, device=device)
     model.load_state_dict(state)
-    return model.to(dtype=dtype, device=device).eval()
+    return model.eval()
+
+
+def checkpoint_dtype(tensors: dict[str, torch.Tensor], directory: Path) -> torch.dtype:
+    """The dtype a checkpoint is stored in: that of most of its floating-point weights
+    (counted in elements), else ``torch_dtype`` / ``dtype`` of its ``config.json``, else float32."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in tensors.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    if counts:
+        return max(counts, key=counts.__getitem__)
+    try:
+        data = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = {}
+    name = (data.get("torch_dtype") or data.get("dtype")) if isinstance(data, dict) else None
+    found = getattr(torch, name, None) if isinstance(name, str) else None
+    return found if isinstance(found, torch.dtype) and found.is_floating_point else torch.float32
 
 
 def hf_config(model: LoopedLM) -> dict:

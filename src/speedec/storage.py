@@ -251,19 +251,23 @@ def load_config(directory: str | Path, expected: ModelFormat | None = LOOPED_LM)
 
 
 def from_pretrained(directory: str | Path, expected: ModelFormat | None = LOOPED_LM, *,
-                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     exit_loop: int | None = None):
     """The model saved in ``directory``, of the ``expected`` format (decoder-only unless
     told; None: whichever registered format the directory holds), or the Hugging Face
     checkpoint of an imported architecture there. ``exit_loop`` replaces the config's
-    early exit (decoder-only models)."""
+    early exit (decoder-only models). ``dtype`` None: the checkpoint's own dtype for an
+    imported checkpoint (a bf16 one stays bf16: no float32 copy is made), float32 for
+    speedec's own models."""
     directory = Path(directory)
     data = _peek_config(directory)
     if isinstance(data, dict) and "format" not in data and "model_type" in data:
         fmt, config, imported = _read_imported(directory / CONFIG_FILE, data, expected, exit_loop)
-        return imported.reader.load_weights(fmt.model_class(config), directory, dtype=dtype, device=device)
+        with torch.device("meta"):  # no memory (nor random init) until the weights' dtype is known
+            skeleton = fmt.model_class(config)
+        return imported.reader.load_weights(skeleton, directory, dtype=dtype, device=device)
     fmt, config = read_config(directory, expected)
-    model = load_weights(fmt.model_class(config), directory, dtype=dtype, device=device)
+    model = load_weights(fmt.model_class(config), directory, dtype=dtype or torch.float32, device=device)
     if exit_loop is not None and exit_loop != config.exit_loop:
         model.config = config.replace(exit_loop=exit_loop)
     return model

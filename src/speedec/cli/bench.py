@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..bundled import resolve_model_dir
+from ..devices import DTYPES
 from ..kernels import FEW_ROWS
 from .common import (
     AT_LEAST_ONE,
@@ -148,16 +149,20 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
 @click.option("--rounds", default=3, show_default=True, type=AT_LEAST_ONE, help="Interleaved rounds per kernel.")
 @click.option("--repeats", default=5, show_default=True, type=AT_LEAST_ONE,
               help="Steps timed per row count and round.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="Weights' dtype (bfloat16: the kernels' bf16 weight paths).")
 @threads_option(2)
-def kernels(preset_name, model_dir, max_rows, rounds, repeats, threads) -> None:
-    """Time one step (K layers, float32) against the rows in flight, for each matmul kernel."""
+def kernels(preset_name, model_dir, max_rows, rounds, repeats, dtype, threads) -> None:
+    """Time one step (K layers) against the rows in flight, for each matmul kernel."""
     from ..bench.kernels import compare_kernels, format_kernel_table
     from ..bench.setup import build_model
     from ..kernels import active_kernel, available_kernels, kernel_choice
 
     set_threads(threads)
-    model = build_model(preset_name, model_dir=_model_dir(preset_name, model_dir))
-    click.echo(f"active kernel: {active_kernel()} (SPEEDEC_KERNEL={kernel_choice()})")
+    model = build_model(preset_name, model_dir=_model_dir(preset_name, model_dir)).to(DTYPES[dtype])
+    click.echo(f"active kernel: {active_kernel()} (SPEEDEC_KERNEL={kernel_choice()}), weights {dtype}")
+    if dtype == "bfloat16":
+        click.echo("(bf16: the onednn row runs W @ x.T, oneDNN's reordered weights being float32's)")
     with progress_bar(rounds * len(available_kernels()), "kernels", unit="round") as progress:
         costs = compare_kernels(model, max_rows, rounds=rounds, repeats=repeats, progress=progress)
     click.echo(format_kernel_table(costs))

@@ -69,6 +69,11 @@ def set_threads(threads: int | None) -> None:
 
 
 dtype_option = click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
+# --dtype of the commands that load a decoder-only model: default the checkpoint's own.
+model_dtype_option = click.option(
+    "--dtype", default=None, type=click.Choice(list(DTYPES)),
+    help="Weights' dtype in memory (default: the checkpoint's own, e.g. bfloat16 for a bf16 "
+         "Hugging Face checkpoint; float32 for speedec's own models).")
 device_option = click.option("--device", default="cpu", show_default=True)
 
 
@@ -119,13 +124,13 @@ exit_loop_option = click.option(
          "checkpoint).")
 
 
-def load_model(model: str | None, dtype: str, device: str,
+def load_model(model: str | None, dtype: str | None, device: str,
                exit_loop: int | None = None) -> tuple[Path, LoopedLM]:
     """The model directory (the bundled model when None) and its model, kernel prepared;
-    ``exit_loop`` replaces the model's early exit."""
+    ``dtype`` None: the checkpoint's own; ``exit_loop`` replaces the model's early exit."""
     directory = resolve_model_dir(model)
-    loaded = LoopedLM.from_pretrained(directory, dtype=DTYPES[dtype], device=parse_device(device),
-                                      exit_loop=exit_loop)
+    loaded = LoopedLM.from_pretrained(directory, dtype=None if dtype is None else DTYPES[dtype],
+                                      device=parse_device(device), exit_loop=exit_loop)
     prepare_kernel(loaded)
     return directory, loaded
 

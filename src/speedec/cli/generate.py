@@ -10,10 +10,10 @@ import click
 from ..errors import GenerationError, SpeedecError
 from .common import (
     device_option,
-    dtype_option,
     engine_options,
     exit_loop_option,
     load_model,
+    model_dtype_option,
     parse_ids,
     sampling_options,
     set_threads,
@@ -37,7 +37,7 @@ from .common import (
 @click.option("--eos-token-id", type=int, default=None,
               help="Stop at this token (default: the tokenizer's end-of-text, if any).")
 @sampling_options
-@dtype_option
+@model_dtype_option
 @device_option
 @threads_option()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
