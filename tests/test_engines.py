@@ -553,3 +553,59 @@ def test_adaptive_policy_learns_only_what_sampled_draws_say():
             assert all(known == 1 and rank in (0, None) for rank, known in recorded)
             assert any(rank is None for rank, _ in recorded) and hit_rate[0] < 1.0
             assert hit_rate[1] == 1.0
+
+
+def _modelled_cost(model, costs, n, **options):
+    """Sum over the steps of t(rows in the step) on the cost table ``costs``."""
+    engine = get_engine("speed", model, **options)
+    cache, out, stats, sampler = _start_request(model, [2, 5], n)
+    pipeline = engine.pipeline(cache, 2, out, stats, sampler)
+    total = 0.0
+    with torch.inference_mode():
+        while not pipeline.done:
+            plan = pipeline.plan()
+            total += costs[min(plan.rows.shape[0], len(costs)) - 1]
+            pipeline.advance(*_run_by_hand(model, plan))
+    pipeline.finish()
+    return total, out.tokens
+
+
+@pytest.mark.parametrize("n_loops,exit_loop", [(8, 1), (4, 1), (6, 2)])
+def test_adaptive_depth_never_costs_more_than_the_fixed_pipeline(n_loops, exit_loop):
+    """On hand-built step-cost tables the adaptive pipeline's modelled cost is at
+    most the fixed pipeline's, and below it where rows grow dear and the
+    acceptance does not pay for them."""
+    depth = -(-n_loops // exit_loop)
+    tables = {"flat to 4, then steep": ([1.0, 1.0, 1.0, 1.05] + [1.05 + 0.6 * i for i in range(1, depth)])[:depth],
+              "flat": [1.0] * depth,
+              "steep from 2": [1.0] + [2.0 * i for i in range(1, depth)]}
+    for agree in ("always", "never", 2, 5):
+        exit_map, final_map = _maps(10, 0 if agree in ("always", "never") else agree)
+        model = mapping_model(exit_map, exit_map if agree == "always" else final_map,
+                              n_loops=n_loops, exit_loop=exit_loop)
+        for name, costs in tables.items():
+            fixed, ref = _modelled_cost(model, costs, 60)
+            adaptive, tokens = _modelled_cost(model, costs, 60, adaptive=True, step_costs=costs)
+            assert tokens == ref, (agree, name)
+            assert adaptive <= fixed, (agree, name, adaptive, fixed)
+            if name == "flat":  # nothing to save: it guesses as the fixed pipeline does
+                assert adaptive == fixed
+            if agree != "always" and (name == "steep from 2" or name != "flat" and n_loops == 8):
+                assert adaptive < 0.9 * fixed, (agree, name, adaptive, fixed)
+
+
+def test_speculation_policy_trims_spares_at_the_rows_in_flight():
+    from speedec.engines.speed import SpeculationPolicy
+
+    # L=4, e=1, two candidates; the second always right. Full pipelines: 4 rows
+    # (one candidate) cost 1.0, 7 rows (two) 1.1: two pay for the pipeline...
+    policy = SpeculationPolicy(4, 1, [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 1.1], max_guesses=2)
+    for _ in range(200):
+        policy.record(1)
+    assert policy.choose() == 2
+    # ...but with 2 rows in flight the step would go from 3 rows (1.0) to 4 (2.0):
+    # 3 steps x 2.0 against 4 steps x 1.0, so one candidate only.
+    assert policy.choose(2) == 1
+    assert policy.expected_cost(2, 2) == pytest.approx(3 * 2.0, rel=1e-3)
+    assert policy.expected_cost(1, 2) == pytest.approx(4 * 1.0, rel=1e-3)
+    assert policy.choose(5) == 2  # 5 + 2 rows: 1.1

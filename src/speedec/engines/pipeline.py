@@ -355,8 +355,10 @@ class Pipeline:
         """Guesses for ``parent_pos + 1`` from ``logits`` ([V]) of the slot at
         ``parent_pos``: the guess enters at loop 0 in the next step, with the
         other candidates as spares (``guesses > 1``); the adaptive policy
-        decides how many, none included."""
-        n = self.guesses if self.policy is None else self.policy.choose()
+        decides how many, none included, priced at the rows in flight (the
+        slots and spares that the next step carries without them)."""
+        n = self.guesses if self.policy is None else self.policy.choose(
+            len(self.slots) + sum(len(s.spares) for s in self.slots))
         if n == 0:
             return
         if self.sampler.greedy:
