@@ -6,15 +6,13 @@ Useful under ``torchrun``, which launches a module:
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from ..errors import SpeedecError
+from ..cli import CliGroup
 from .commands import eval_command, tokenizer_group, train_command, train_exit_command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CliGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """speedec training: train, eval, tokenizer."""
 
@@ -26,15 +24,8 @@ main.add_command(tokenizer_group)
 
 
 def run() -> None:
-    """Like the speedec CLI: expected errors are one line and exit code 2."""
-    try:
-        main.main(prog_name="python -m speedec.training", standalone_mode=False)
-    except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(2)
-    except SpeedecError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    """Like the speedec CLI (the same group class): expected errors are one line and exit code 2."""
+    main.main(prog_name="python -m speedec.training")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ config with ``exit_loop`` and ``n_loops``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -128,10 +129,8 @@ class LossSchedule:
         """The weights of optimizer step ``step``."""
         if self.kind == "constant":
             return self.base
-        scale = tuple(self.scale(loop, n_loops, step) for loop in range(1, n_loops))
-        return LossWeights(exit_weight=self.base.exit_weight, all_loops_weight=self.base.all_loops_weight,
-                           loop_weights=self.base.loop_weights, draft_weight=self.base.draft_weight,
-                           loop_scale=scale)
+        return dataclasses.replace(self.base, loop_scale=tuple(self.scale(loop, n_loops, step)
+                                                               for loop in range(1, n_loops)))
 
 
 def loss_loops(config: ModelConfig, weights: LossWeights) -> tuple[int, ...]:
