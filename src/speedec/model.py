@@ -15,6 +15,7 @@ Two ways in:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -684,3 +685,36 @@ class LoopedLM(LoopedModelBase):
                    side: tuple[torch.Tensor, torch.Tensor]) -> SpareRows:
         """Describe spare rows (see :class:`SpareRows`) for :meth:`run_loops`."""
         return SpareRows.build(self.rope, positions, loops, index, side)
+
+    def run_segments(self, x: torch.Tensor,
+                     segments: Sequence[tuple[StepLayout, KVCache, SpareRows | None]]) -> torch.Tensor:
+        """One pass over the K unique layers for the rows of several requests at once
+        (the server's step): ``x [N, 1, D]`` holds each segment's rows in turn (its
+        layout's G rows, then its S spares), each segment with its own cache.
+
+        Every weight matrix is applied once to all N rows; attention runs per
+        segment, exactly as :meth:`run_loops` runs it for that segment alone, so
+        with a batch-invariant kernel a row's result does not depend on which
+        other requests share the step.
+        """
+        if len(segments) == 1:
+            layout, cache, spares = segments[0]
+            return self.run_loops(x, layout, cache, 1, spares=spares)
+        ropes = [step_rope(layout, spares) for layout, _, spares in segments]
+        cos, sin = torch.cat([c for c, _ in ropes]), torch.cat([s for _, s in ropes])
+        sizes = [layout.groups + (0 if spares is None else spares.loops.shape[0])
+                 for layout, _, spares in segments]
+        if self.loop_embedding is not None:
+            loops = torch.cat([torch.tensor(layout.loops, device=x.device) if spares is None
+                               else torch.cat((torch.tensor(layout.loops, device=x.device), spares.loops))
+                               for layout, _, spares in segments])
+            x = self.begin_loop(x, loops[:, None])  # [N, 1]
+        attentions = [step_attention(cache, layout, 0, spares) for layout, cache, spares in segments]
+
+        def attend(unique_layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.cat([attention(unique_layer, *parts) for attention, *parts in
+                              zip(attentions, q.split(sizes), k.split(sizes), v.split(sizes))])
+
+        for k_unique, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, partial(attend, k_unique))
+        return self.end_of_loop(x)

@@ -23,7 +23,7 @@ outputs, and drops a request between two steps without ceremony.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,9 @@ from .protocol import DecodingModel
 
 if TYPE_CHECKING:
     from .speed import SpeculationPolicy
+
+# (logits [n, V], the position each row predicts) -> logits [n, V]
+LogitsTransform = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
 def max_rows(n_loops: int, exit_loop: int, guesses: int) -> int:
@@ -165,6 +168,9 @@ class _Reads:
     first_rival: int
     # Logits row of the newest slot's exit read (its draft), or None.
     draft: int | None
+    # The position each logits row predicts the token of (row order), for a
+    # position-keyed logits transform (Pipeline's ``transform``).
+    targets: list[int]
 
 
 class _Logits:
@@ -191,14 +197,23 @@ class Pipeline:
 
     def __init__(self, model: DecodingModel, cache: KVCache, first_pos: int, out: Output,
                  stats: GenerationStats, sampler: Sampler, *, early_correction: bool = False,
-                 guesses: int = 1, policy: SpeculationPolicy | None = None) -> None:
-        """``out.tokens[-1]`` (at ``first_pos``, from prefill) enters at loop 0."""
+                 guesses: int = 1, policy: SpeculationPolicy | None = None, speculate: bool = True,
+                 transform: LogitsTransform | None = None) -> None:
+        """``out.tokens[-1]`` (at ``first_pos``, from prefill) enters at loop 0.
+
+        ``speculate=False``: no guesses at all (no exit read either): every token
+        runs its L loops alone, one row per step (the server's autoregressive rows).
+        ``transform(logits [n, V], targets)``: applied to every step's logits rows
+        before they are read; ``targets[i]`` is the position whose token row i
+        predicts (the server's position-keyed sampling, :mod:`speedec.serve.keyed`).
+        """
         c = model.config
         self.model = model  # for its embeddings only: the engine runs the steps
         self.device = model.device
         self.n_loops, self.exit_loop = c.n_loops, c.exit_loop
         self.cache, self.out, self.stats, self.sampler = cache, out, stats, sampler
         self.early_correction, self.guesses, self.policy = early_correction, guesses, policy
+        self.speculate, self.transform = speculate, transform
         # A slot at position q is needed only while its successor's token is:
         # the last token to generate sits at first_pos + max_new_tokens - 1.
         self.last_needed_pos = first_pos + out.max_new_tokens - 2
@@ -228,16 +243,18 @@ class Pipeline:
         spares = self.spares()
         # What the rows will have completed after this pass decides what is read.
         final = slots[-1].loops_done + 1 == L
-        draft = slots[0].loops_done + 1 == e and slots[0].pos < self.last_needed_pos
+        draft = self.speculate and slots[0].loops_done + 1 == e and slots[0].pos < self.last_needed_pos
         # Slots past their exit whose successor is a guess: slots[i] precedes slots[i - 1].
         checks = ([i for i in range(G - 1, 0, -1) if e < slots[i].loops_done + 1 < L]
                   if self.early_correction else [])
         # The retiring slot's successor's spares may take its place: read them too.
         rivals = list(slots[-2].spares) if final and G > 1 else []
         first_rival = int(final) + len(checks)
+        targets = (([slots[-1].pos + 1] if final else []) + [slots[i].pos + 1 for i in checks]
+                   + [sp.pos + 1 for sp in rivals] + ([slots[0].pos + 1] if draft else []))
         self._reads = _Reads(final=final, checks=[(i, int(final) + n) for n, i in enumerate(checks)],
                              rivals=rivals, first_rival=first_rival,
-                             draft=first_rival + len(rivals) if draft else None)
+                             draft=first_rival + len(rivals) if draft else None, targets=targets)
         parts = [s.row for s in slots] + [sp.row for sp in spares]
         return StepPlan(
             rows=parts[0][None] if len(parts) == 1 else torch.stack(parts),
@@ -268,6 +285,8 @@ class Pipeline:
         if logits is None:
             return []
         stats.lm_head_calls += 1
+        if self.transform is not None:
+            logits = self.transform(logits, reads.targets)
         read = _Logits(logits, self.sampler.greedy)
         emitted = len(self.out.tokens)
         newest = slots[0]

@@ -1,0 +1,589 @@
+"""The server's scheduler: one thread owns the model and steps every active request.
+
+Each request is a :class:`~speedec.engines.pipeline.Pipeline` (its tokens in
+flight, each at its own loop and position) with its own KV cache. A step
+gathers the rows of every active request's plan and passes them once through
+the K unique layers (:meth:`speedec.model.LoopedLM.run_segments`: every weight
+matrix applied once to all rows, attention per request against its own
+cache), reads all their logits rows in one LM-head matmul, and advances each
+request with its share (continuous depth-wise batching). Requests join
+(prefill, first token) and leave between steps.
+
+**Rows.** A step carries at most ``max_rows`` rows (at most the few-row
+kernel's limit, :data:`speedec.kernels.FEW_ROWS`, within which a row's
+products do not depend on the other rows; default: the row count where the
+measured step cost per row is lowest, :func:`best_rows`). Every active request owns
+one row (its oldest token in flight); a waiting request is admitted when a
+row is free. Guesses take the rows left over: a request's pipeline asks, each
+time its newest token reaches the early exit, whether it may launch a guess,
+and the scheduler grants it when a row is free, no request is waiting, and
+the guess pays at the measured step-cost curve ``t(R)`` (``speedec kernels``):
+it rides as one more row for the ``L - e`` steps until its parent retires and
+then, with probability ``a`` (the request's own running acceptance), saves
+its request those steps, so the ``k`` guesses of a step at ``R`` rows pay
+when ``k a t(n) > n (t(R) - t(n))`` for ``n`` active requests (see
+:meth:`Scheduler._grant`). Requests are advanced best acceptance
+first, so grants go where they pay most. At low load every request pipelines
+as ``speed`` does alone; as load grows guesses stop, down to one row per
+request (autoregressive rows, batched).
+
+**Exactness.** Greedy output does not depend on guesses (they are verified
+against the final loop), and a row's products do not depend on the other rows
+of the step (batch-invariant kernel), so a request's tokens equal those of
+the same request decoded alone (``speedec generate``); sampled requests use
+position-keyed sampling (:mod:`speedec.serve.keyed`), whose tokens are fixed
+by the seed and the final logits alone. docs/serving.md says where this is
+bit for bit and where it is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import KVCache
+from ..engines.base import GenerationStats, Output, check_token_id, prefill, token_ids
+from ..engines.pipeline import Pipeline, StepPlan, run_step
+from ..engines.speed import step_costs_for
+from ..errors import ConfigError, GenerationError, SpeedecError
+from ..kernels import FEW_ROWS
+from ..sampling import Sampler, SamplingParams
+from .keyed import KeyedSampling
+
+ENGINES = ("speed", "autoregressive")
+
+
+class QueueFull(SpeedecError, RuntimeError):
+    """The server's queue is full: try again later (HTTP 429)."""
+
+
+class ShuttingDown(SpeedecError, RuntimeError):
+    """The server is stopping and accepts no new request (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    """One completion request as the scheduler sees it: token ids in, token ids out."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Token ids that end the request (emitted, then finish_reason "stop").
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    drafts_launched: int = 0
+    drafts_accepted: int = 0
+    # Seconds from submit to the first token; None until it exists.
+    time_to_first_token_s: float | None = None
+    # Steps the request took part in.
+    steps: int = 0
+
+
+class RequestHandle:
+    """A submitted request. Its tokens arrive as the scheduler verifies them.
+
+    * ``async for chunk in handle.stream()``: lists of new token ids, in order,
+      until the request finishes (from the event loop that submitted it);
+    * ``handle.result(timeout)``: blocking, the whole list (any thread);
+    * ``handle.cancel()``: any thread; the scheduler frees the request's rows
+      and cache at its next step (finish_reason ``"cancelled"``).
+
+    When finished: ``finish_reason`` is ``"stop"`` (a stop token), ``"length"``
+    (max_tokens), ``"cancelled"`` or ``"error"`` (``error`` holds the exception;
+    the request failed alone).
+    """
+
+    def __init__(self, request: ServeRequest, loop: asyncio.AbstractEventLoop | None,
+                 wake: Callable[[], None]) -> None:
+        self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        self.request = request
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.stats = RequestStats(prompt_tokens=len(request.prompt_ids))
+        self.submitted = time.perf_counter()
+        self._loop = loop
+        self._queue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._cond = threading.Condition()
+        self._cancel = threading.Event()
+        self._wake = wake
+
+    # ------------------------------------------------------------ the client's side
+    async def stream(self) -> AsyncIterator[list[int]]:
+        if self._queue is None:
+            raise RuntimeError("stream() needs a request submitted with an event loop")
+        while True:
+            chunk = await self._queue.get()
+            if chunk is None:
+                return
+            yield chunk
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """Wait until the request finishes; its tokens (raises its error, if it failed)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.finish_reason is not None, timeout):
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return list(self.tokens)
+
+    def cancel(self) -> None:
+        if self.finish_reason is None:
+            self._cancel.set()
+            self._wake()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    # --------------------------------------------------------- the scheduler's side
+    def _push(self, item: list[int] | None) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            except RuntimeError:  # the client's event loop is closed: nobody listens
+                pass
+
+    def _deliver(self, tokens: list[int]) -> None:
+        if not tokens:
+            return
+        with self._cond:
+            if self.stats.time_to_first_token_s is None:
+                self.stats.time_to_first_token_s = time.perf_counter() - self.submitted
+            self.tokens.extend(tokens)
+            self.stats.completion_tokens = len(self.tokens)
+        self._push(list(tokens))
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        with self._cond:
+            if self.finish_reason is not None:
+                return
+            self.error = error
+            self.finish_reason = reason
+            self._cond.notify_all()
+        self._push(None)
+
+
+class _StopOutput(Output):
+    """Verified tokens of a served request: stops at any of its stop tokens."""
+
+    def __init__(self, max_new_tokens: int, stop_ids: frozenset[int]) -> None:
+        super().__init__(max_new_tokens, None, None)
+        self.stop_ids = stop_ids
+
+    def emit(self, token: int) -> None:
+        self.tokens.append(token)
+        if token in self.stop_ids:
+            self.stop_reason = "stop"
+        elif len(self.tokens) >= self.max_new_tokens:
+            self.stop_reason = "length"
+
+
+class _Grant:
+    """The speculation policy the scheduler gives each request's pipeline: a guess
+    is launched only when the scheduler grants it a row (see the module's doc).
+    It keeps the request's acceptance estimate (moving average over ``window``)."""
+
+    def __init__(self, scheduler: Scheduler, prior: float, window: int = 16, probe_every: int = 8) -> None:
+        self.scheduler, self.acceptance, self.window = scheduler, prior, window
+        self.probe_every = probe_every
+        self._declined = 0
+        self.guesses_skipped = 0
+
+    def choose(self, rows: int | None = None) -> int:
+        # Declined on price every time, the estimate would never move: every
+        # probe_every-th opportunity asks for a row whatever the price.
+        probe = self._declined + 1 >= self.probe_every
+        if self.scheduler._grant(self.acceptance, probe=probe):
+            self._declined = 0
+            return 1
+        self._declined += 1
+        self.guesses_skipped += 1
+        return 0
+
+    def record(self, rank: int | None, *, known: int | None = None) -> None:
+        self.acceptance += (float(rank == 0) - self.acceptance) / self.window
+
+
+@dataclass(eq=False)
+class _Active:
+    handle: RequestHandle
+    pipeline: Pipeline
+    stats: GenerationStats
+    grant: _Grant | None
+
+    @property
+    def rows(self) -> int:
+        return len(self.pipeline.slots) + sum(len(s.spares) for s in self.pipeline.slots)
+
+
+class Scheduler:
+    """Owns ``model``; a background thread runs its steps.
+
+    ``engine``: ``"speed"`` (each request pipelines, guesses granted within the
+    row budget) or ``"autoregressive"`` (one row per request per step, no
+    guesses). ``max_rows``: rows per step across all requests (at most the
+    batch-invariant kernel's limit, 16; default: where the measured step cost
+    per row is lowest, :func:`best_rows`). ``max_queue``: requests
+    waiting for rows beyond which :meth:`submit` raises :class:`QueueFull`.
+    ``step_costs``: seconds of a step with 1..max_rows rows (default: measured
+    when the scheduler starts, as ``speedec kernels`` does).
+    """
+
+    def __init__(self, model, *, engine: str = "speed", max_rows: int | None = None,
+                 max_queue: int = 64, model_name: str = "speedec",
+                 step_costs: Sequence[float] | None = None) -> None:
+        c = model.config
+        if engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if engine == "speed" and not c.has_early_exit:
+            raise ConfigError("the speed engine needs a model with an early exit; serve this model "
+                              "with engine 'autoregressive'")
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int)
+                                     or not 1 <= max_rows <= FEW_ROWS):
+            raise ConfigError(f"max_rows must be an integer from 1 to {FEW_ROWS} (the rows a step's "
+                              f"products stay batch-invariant for), got {max_rows!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if step_costs is not None:
+            step_costs = [float(t) for t in step_costs]
+            needed = FEW_ROWS if max_rows is None else max_rows
+            if len(step_costs) < needed or not all(t > 0 for t in step_costs):
+                raise ConfigError(f"step_costs must hold {needed} positive seconds, got {step_costs!r}")
+        self.model, self.engine, self.model_name = model, engine, model_name
+        self.max_rows, self.max_queue = max_rows, max_queue
+        self.step_costs: list[float] | None = step_costs
+        self._lock = threading.Condition()
+        self._queue: deque[RequestHandle] = deque()
+        self._active: list[_Active] = []
+        self._accepting = True
+        self._running = False
+        self._thread: threading.Thread | None = None
+        # Grants of the step being advanced: rows still free, rows projected.
+        self._free_rows = 0
+        self._projected = 0
+        self._counters = dict.fromkeys(
+            ("requests_total", "requests_finished", "requests_failed", "requests_cancelled",
+             "tokens_total", "steps_total", "rows_total", "step_seconds_total", "prefill_seconds_total",
+             "drafts_launched", "drafts_accepted"), 0.0)
+        self._acceptance = 0.8  # server-wide running estimate: a new request's prior
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Measure the step costs (unless given; what the row budget and the grants
+        need) and start the scheduler thread."""
+        if self._thread is not None:
+            raise RuntimeError("the scheduler is already started")
+        if self.step_costs is None and (self.max_rows is None or self.engine == "speed"):
+            self.step_costs = step_costs_for(self.model, self.max_rows or FEW_ROWS)
+        if self.max_rows is None:
+            self.max_rows = best_rows(self.step_costs)
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="speedec-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def submit(self, request: ServeRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Validate and enqueue ``request``. Raises GenerationError (a one-line message
+        naming the field: ``prompt``, ``max_tokens``, ``stop_token_ids``...), QueueFull
+        or ShuttingDown. ``loop``: the event loop :meth:`RequestHandle.stream` runs
+        in (default: the running loop, if any)."""
+        c = self.model.config
+        prompt = token_ids(request.prompt_ids, c.vocab_size)
+        m = request.max_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise GenerationError(f"max_tokens must be an integer >= 1, got {m!r}")
+        if len(prompt) + m > c.max_seq_len:
+            raise GenerationError(f"max_tokens ({m}) + the prompt ({len(prompt)} tokens) exceeds the "
+                                  f"model's context of {c.max_seq_len} tokens")
+        if not isinstance(request.sampling, SamplingParams):
+            raise GenerationError("sampling must be a SamplingParams")
+        for t in request.stop_token_ids:
+            check_token_id("stop token id", t, c.vocab_size)
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+        with self._lock:
+            if not self._accepting or not self._running:
+                raise ShuttingDown("the server is shutting down" if self._running or self._thread
+                                   else "the scheduler is not started")
+            if len(self._queue) >= self.max_queue and len(self._active) >= self.max_rows:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            handle = RequestHandle(request, loop, self._notify)
+            self._queue.append(handle)
+            self._counters["requests_total"] += 1
+            self._lock.notify_all()
+        return handle
+
+    def shutdown(self, deadline_s: float = 30.0) -> bool:
+        """Stop accepting requests, let in-flight ones finish within ``deadline_s``
+        (the rest are cancelled), stop the thread. True when all finished in time."""
+        end = time.monotonic() + deadline_s
+        with self._lock:
+            self._accepting = False
+            finished = self._lock.wait_for(lambda: not self._queue and not self._active,
+                                           max(0.0, end - time.monotonic()))
+            if not finished:
+                for handle in [*self._queue, *(a.handle for a in self._active)]:
+                    handle._cancel.set()
+            self._running = False
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, end - time.monotonic()))
+        return finished
+
+    def metrics(self) -> dict[str, float]:
+        """Counters and gauges: requests_total, requests_active, queue_depth,
+        tokens_total, steps_total, rows_total, step_seconds_total, drafts_launched,
+        drafts_accepted, requests_failed, requests_cancelled (and more)."""
+        with self._lock:
+            out = dict(self._counters)
+            out["requests_active"] = float(len(self._active))
+            out["queue_depth"] = float(len(self._queue))
+            out["max_rows"] = float(self.max_rows or 0)
+            for a in self._active:  # live requests count too
+                out["drafts_launched"] += a.stats.drafts_launched
+                out["drafts_accepted"] += a.stats.drafts_accepted
+        return out
+
+    # ---------------------------------------------------------------- the thread
+    def _notify(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    self._reap()
+                    self._lock.wait_for(lambda: self._queue or self._active or not self._running)
+                    self._reap()
+                    if not self._running and not self._active and not self._queue:
+                        self._lock.notify_all()
+                        return
+                    admit = []
+                    rows = sum(a.rows for a in self._active)
+                    while self._queue and rows + len(admit) < self.max_rows:
+                        admit.append(self._queue.popleft())
+                for handle in admit:
+                    self._admit(handle)
+                if self._active:
+                    self._step()
+                with self._lock:
+                    self._lock.notify_all()  # shutdown() waits on the active set
+
+    def _reap(self) -> None:
+        """Drop cancelled requests (queue and active): their rows and cache go now."""
+        for handle in [h for h in self._queue if h.cancelled]:
+            self._queue.remove(handle)
+            self._close(handle, "cancelled")
+        for a in [a for a in self._active if a.handle.cancelled]:
+            self._active.remove(a)
+            self._retire(a, "cancelled")
+
+    def _admit(self, handle: RequestHandle) -> None:
+        """Prefill a request and emit its first token; it joins the active set."""
+        request, model = handle.request, self.model
+        try:
+            begin = time.perf_counter()
+            prompt = list(request.prompt_ids)
+            seed = request.sampling.seed
+            keyed = KeyedSampling(request.sampling, random.getrandbits(62) if seed is None else seed)
+            cache = KVCache(model.config, len(prompt) + request.max_tokens, dtype=model.dtype,
+                            device=model.device)
+            logits = prefill(model, cache, prompt)
+            out = _StopOutput(request.max_tokens, request.stop_token_ids)
+            out.emit(keyed.pick(logits, len(prompt)))
+            self._counters["prefill_seconds_total"] += time.perf_counter() - begin
+            handle._deliver(out.tokens[:])
+            stats = GenerationStats(prompt_tokens=len(prompt))
+            if out.done:
+                self._close(handle, out.stop_reason)
+                return
+            grant = _Grant(self, self._acceptance) if self.engine == "speed" else None
+            pipeline = Pipeline(model, cache, len(prompt), out, stats, Sampler(SamplingParams()),
+                                policy=grant, speculate=self.engine == "speed",
+                                transform=None if keyed.greedy else keyed)
+        except Exception as exc:  # a failing request fails alone
+            self._close(handle, "error", exc)
+            return
+        with self._lock:
+            self._active.append(_Active(handle, pipeline, stats, grant))
+
+    def _grant(self, acceptance: float, *, probe: bool = False) -> bool:
+        """May the request being advanced launch a guess (one more row next step)?
+
+        Each of the ``n`` active requests owns one row; the other rows are guesses.
+        A guess rides as an extra row for the ``L - e`` steps until its parent
+        retires and then, with probability ``a``, saves its request those
+        steps, each worth a guess-free step ``t(n)``. With ``k`` guesses in
+        flight (this one included) at ``R + 1`` rows, they pay when what they
+        save, ``k a t(n)``, exceeds what they cost the ``n`` requests over
+        the same steps, ``n (t(R + 1) - t(n))`` (``t``: the measured step-cost
+        curve, ``a``: this request's running acceptance). Priced against the
+        guess-free step, not against the step just before, so that a cost that
+        jumps once is not paid for one guess and then ignored for the next.
+        ``probe``: grant whenever a row is free (the request's estimate needs news).
+        """
+        if self._free_rows <= 0:
+            return False
+        costs, n = self.step_costs, max(len(self._active), 1)
+        rows = self._projected + 1
+
+        def t(r: int) -> float:
+            return costs[min(max(r, 1), len(costs)) - 1]
+
+        if not probe and (rows - n) * acceptance * t(n) <= n * max(0.0, t(rows) - t(n)):
+            return False
+        self._free_rows -= 1
+        self._projected += 1
+        return True
+
+    def _step(self) -> None:
+        active = self._active
+        begin = time.perf_counter()
+        plans, failed = [], []
+        for a in active:
+            try:
+                plans.append(a.pipeline.plan())
+            except Exception as exc:
+                failed.append((a, exc))
+        for a, exc in failed:
+            active.remove(a)
+            self._retire(a, "error", exc)
+        if not active:
+            return
+        outputs = self._run_plans(plans)
+        rows = sum(p.rows.shape[0] for p in plans)
+        # Grants for the next step: rows still free (none while a request waits for one).
+        with self._lock:
+            waiting = bool(self._queue)
+        self._projected = rows
+        self._free_rows = 0 if waiting else self.max_rows - rows
+        finished = []
+        order = sorted(range(len(active)), key=lambda i: -(active[i].grant.acceptance if active[i].grant else 0))
+        for i in order:
+            a, result = active[i], outputs[i]
+            if isinstance(result, Exception):
+                finished.append((a, "error", result))
+                continue
+            try:
+                tokens = a.pipeline.advance(*result)
+            except Exception as exc:
+                finished.append((a, "error", exc))
+                continue
+            a.handle.stats.steps += 1
+            a.handle.stats.drafts_launched = a.stats.drafts_launched
+            a.handle.stats.drafts_accepted = a.stats.drafts_accepted
+            a.handle._deliver(tokens)
+            if a.pipeline.done:
+                finished.append((a, a.pipeline.out.stop_reason, None))
+        elapsed = time.perf_counter() - begin
+        with self._lock:
+            c = self._counters
+            c["steps_total"] += 1
+            c["rows_total"] += rows
+            c["step_seconds_total"] += elapsed
+            for a, reason, error in finished:
+                active.remove(a)
+                self._retire(a, reason, error)
+
+    def _run_plans(self, plans: list[StepPlan]) -> list:
+        """Every plan's (hidden, logits): one batched pass; if it fails, each plan alone,
+        so that a failing request fails alone (its exception in its place)."""
+        try:
+            return run_steps(self.model, plans)
+        except Exception:
+            results = []
+            for plan in plans:
+                try:
+                    results.append(run_step(self.model, plan))
+                except Exception as exc:
+                    results.append(exc)
+            return results
+
+    def _retire(self, a: _Active, reason: str, error: BaseException | None = None) -> None:
+        a.pipeline.finish()
+        c = self._counters
+        c["drafts_launched"] += a.stats.drafts_launched
+        c["drafts_accepted"] += a.stats.drafts_accepted
+        if a.stats.drafts_launched:
+            rate = a.stats.drafts_accepted / a.stats.drafts_launched
+            self._acceptance += (rate - self._acceptance) / 8
+        self._close(a.handle, reason, error)
+
+    def _close(self, handle: RequestHandle, reason: str, error: BaseException | None = None) -> None:
+        c = self._counters
+        c["tokens_total"] += len(handle.tokens)
+        c["requests_finished"] += 1
+        c["requests_failed"] += reason == "error"
+        c["requests_cancelled"] += reason == "cancelled"
+        handle._finish(reason, error)
+
+
+def best_rows(step_costs: Sequence[float]) -> int:
+    """The default row budget: the row count at which a step serves rows fastest,
+    ``argmax_R R / t(R)`` (the largest on ties). Beyond it a row costs more than
+    the average row: on the development machine a step with 14-16 rows costs
+    2.6x one with 13 on the default model (docs/serving.md)."""
+    return max(range(1, len(step_costs) + 1), key=lambda r: (r / step_costs[r - 1], r))
+
+
+def run_steps(model, plans: list[StepPlan]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Execute several requests' plans as one step: one pass over the unique layers
+    for all their rows (:meth:`~speedec.model.LoopedLM.run_segments`), then one
+    LM-head matmul for every row any of them reads. Returns each plan's
+    ``(hidden [G + S, 1, D], logits [its head rows + its exit rows, V] or None)``,
+    exactly what :func:`~speedec.engines.pipeline.run_step` returns for it alone."""
+    if len(plans) == 1:
+        return [run_step(model, plans[0])]
+    segments = []
+    for plan in plans:
+        layout = model.layout([[p] for p in plan.positions], plan.loops)
+        spares = (model.spare_rows(plan.spare_positions, plan.spare_loops, plan.spare_index, plan.side)
+                  if plan.spare_positions else None)
+        segments.append((layout, plan.cache, spares))
+    x = torch.cat([plan.rows for plan in plans])
+    out = model.run_segments(x, segments)  # [N, 1, D]
+    hidden = out.split([plan.rows.shape[0] for plan in plans])
+    starts = list(itertools.accumulate((plan.rows.shape[0] for plan in plans), initial=0))
+    head_rows = [starts[i] + r for i, plan in enumerate(plans) for r in plan.head_rows]
+    exit_rows = [starts[i] + r for i, plan in enumerate(plans) for r in plan.exit_rows]
+    flat = out[:, 0]  # [N, D]
+    logits = None
+    if head_rows or exit_rows:
+        logits = model.head_and_exit(flat[head_rows], flat[exit_rows])
+    results, h, x_ = [], 0, len(head_rows)
+    for plan, rows in zip(plans, hidden):
+        n, m = len(plan.head_rows), len(plan.exit_rows)
+        if n + m == 0:
+            results.append((rows, None))
+            continue
+        part = torch.cat((logits[h: h + n], logits[x_: x_ + m])) if n and m else (
+            logits[h: h + n] if n else logits[x_: x_ + m])
+        results.append((rows, part))
+        h, x_ = h + n, x_ + m
+    return results

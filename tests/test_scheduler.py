@@ -1,0 +1,311 @@
+"""The server's scheduler: continuous depth-wise batching across requests, exact under load."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from speedec import generate
+from speedec.engines import get_engine
+from speedec.engines.base import GenerationStats, Output, prefill
+from speedec.errors import ConfigError, GenerationError
+from speedec.sampling import Sampler, SamplingParams
+from speedec.serve.keyed import KeyedSampling, position_seed
+from speedec.serve.scheduler import QueueFull, Scheduler, ServeRequest, ShuttingDown, best_rows, run_steps
+from tests.helpers import random_model, small_config
+
+FLAT = [1.0] * 16  # step costs: every row count costs the same (guesses always pay)
+
+
+def _model(dtype=torch.float64, **overrides):
+    fields = dict(n_loops=4, exit_loop=1, vocab_size=64, max_seq_len=160)
+    fields.update(overrides)
+    return random_model(small_config(**fields), seed=3, std=0.7, residual_scale=4.0, dtype=dtype)
+
+
+def _prompts(n, vocab, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(1, 12))] for _ in range(n)]
+
+
+def _serve(model, requests, *, concurrency, jitter=0.0, seed=0, **options):
+    """Submit ``requests`` (ServeRequest) with at most ``concurrency`` in flight, each
+    after a random delay of up to ``jitter`` s; return the tokens of each."""
+    scheduler = Scheduler(model, **options)
+    scheduler.start()
+    rng = random.Random(seed)
+    results = [None] * len(requests)
+    gate = threading.Semaphore(concurrency)
+
+    def one(i):
+        with gate:
+            time.sleep(rng.random() * jitter)
+            results[i] = scheduler.submit(requests[i]).result(timeout=120)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    metrics = scheduler.metrics()
+    assert scheduler.shutdown(5)
+    return results, metrics
+
+
+def _start(model, prompt, n):
+    from speedec.cache import KVCache
+
+    cache = KVCache(model.config, len(prompt) + n, dtype=model.dtype, device="cpu")
+    out = Output(n, None, None)
+    out.emit(int(prefill(model, cache, prompt).argmax()))
+    return cache, out
+
+
+def test_run_steps_equals_each_plan_run_alone():
+    """One batched step over several requests' plans (spares, exit readout and loop
+    embedding included) gives each plan bit for bit what run_step gives it alone."""
+    from speedec.engines.pipeline import run_step
+
+    model = _model(torch.float32, exit_readout_rank=4, loop_embedding=True)
+    # At most 7 + 4 + 4 rows: within the batch-invariant kernel's 16.
+    options = [{"guesses": 2}, {}, {"early_correction": True}]
+    prompts = _prompts(3, 64, seed=1)
+    twins = []
+    for prompt, opts in zip(prompts, options):
+        pair = []
+        for _ in range(2):
+            cache, out = _start(model, prompt, 20)
+            pipeline = get_engine("speed", model, **opts).pipeline(
+                cache, len(prompt), out, GenerationStats(), Sampler(SamplingParams()))
+            pair.append(pipeline)
+        twins.append(pair)
+    with torch.inference_mode():
+        for _ in range(80):
+            live = [pair for pair in twins if not pair[0].done]
+            if not live:
+                break
+            batched = run_steps(model, [a.plan() for a, _ in live])
+            for (a, b), (hidden, logits) in zip(live, batched):
+                alone_hidden, alone_logits = run_step(model, b.plan())
+                assert torch.equal(hidden, alone_hidden)
+                assert (logits is None) == (alone_logits is None)
+                if logits is not None:
+                    assert torch.equal(logits, alone_logits)
+                assert a.advance(hidden, logits) == b.advance(alone_hidden, alone_logits)
+    assert all(a.done and a.out.tokens == b.out.tokens for a, b in twins)
+
+
+@pytest.mark.parametrize("engine", ["speed", "autoregressive"])
+@pytest.mark.parametrize("concurrency,max_rows", [(1, 16), (4, 16), (8, 3), (12, 6)])
+def test_greedy_output_is_independent_of_load_float64(engine, concurrency, max_rows):
+    """Every request's tokens equal the autoregressive engine's on it alone, at any
+    concurrency, arrival order and row budget (queueing and denied guesses included)."""
+    model = _model()
+    prompts = _prompts(12, 64)
+    lengths = [random.Random(i).randint(1, 40) for i in range(12)]
+    requests = [ServeRequest(p, n) for p, n in zip(prompts, lengths)]
+    results, metrics = _serve(model, requests, concurrency=concurrency, jitter=0.01, engine=engine,
+                              max_rows=max_rows, step_costs=FLAT)
+    for p, n, got in zip(prompts, lengths, results):
+        assert got == generate(model, p, n, engine="autoregressive").tokens
+    assert metrics["requests_finished"] == 12 and metrics["requests_failed"] == 0
+    assert metrics["rows_total"] <= metrics["steps_total"] * max_rows
+    if engine == "speed" and concurrency == 1:
+        assert metrics["drafts_launched"] > 0
+    if engine == "autoregressive":
+        assert metrics["drafts_launched"] == 0
+
+
+def test_greedy_float32_equals_speed_alone_at_low_load_and_batches_rows():
+    """float32 with the batch-invariant kernel: at low load every request pipelines as
+    the speed engine does alone and gets its tokens bit for bit; several requests
+    share steps (more than one row per step)."""
+    model = _model(torch.float32)
+    prompts = _prompts(6, 64, seed=2)
+    requests = [ServeRequest(p, 30) for p in prompts]
+    results, metrics = _serve(model, requests, concurrency=3, step_costs=FLAT)
+    for p, got in zip(prompts, results):
+        assert got == generate(model, p, 30, engine="speed").tokens
+    assert metrics["rows_total"] / metrics["steps_total"] > 1.5
+
+
+def test_seeded_sampling_is_independent_of_load():
+    """A seeded sampled request gives the same tokens alone and among others."""
+    model = _model()
+    prompt = [3, 1, 4, 1, 5]
+    sampling = SamplingParams(temperature=1.0, top_k=20, seed=123)
+    alone, _ = _serve(model, [ServeRequest(prompt, 40, sampling)], concurrency=1, step_costs=FLAT)
+    others = [ServeRequest(p, 30, SamplingParams(temperature=0.7, seed=i)) for i, p in enumerate(_prompts(7, 64))]
+    loaded, _ = _serve(model, [*others[:3], ServeRequest(prompt, 40, sampling), *others[3:]], concurrency=8,
+                       max_rows=5, step_costs=FLAT)
+    assert loaded[3] == alone[0]
+    greedy = generate(model, prompt, 40, engine="autoregressive").tokens
+    assert alone[0] != greedy  # it did sample
+
+
+def test_keyed_sampling_draws_from_the_distribution():
+    """The Gumbel-max draw keyed by position is distributed as the processed p."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]], dtype=torch.float64)
+    params = SamplingParams(temperature=1.0, top_k=4, seed=9)
+    keyed = KeyedSampling(params, seed=9)
+    p = Sampler(params).probs(logits)[0]
+    n = 6000
+    counts = Counter(keyed.pick(logits[0], t) for t in range(n))
+    assert counts[3] == 0  # cut by top_k
+    for v in range(5):
+        assert abs(counts[v] / n - float(p[v])) < 4 * (float(p[v]) * (1 - float(p[v])) / n) ** 0.5 + 1e-9
+    assert position_seed(1, 2) != position_seed(2, 1)
+
+
+def test_stop_tokens_and_metrics():
+    model = _model()
+    prompt = [1, 2, 3]
+    ref = generate(model, prompt, 30, engine="autoregressive").tokens
+    stop = ref[5]
+    first = ref.index(stop)
+    scheduler = Scheduler(model, step_costs=FLAT)
+    scheduler.start()
+    handle = scheduler.submit(ServeRequest(prompt, 30, stop_token_ids=frozenset({stop})))
+    assert handle.result(30) == ref[: first + 1] and handle.finish_reason == "stop"
+    handle = scheduler.submit(ServeRequest(prompt, 4))
+    assert handle.result(30) == ref[:4] and handle.finish_reason == "length"
+    assert handle.stats.completion_tokens == 4 and handle.stats.time_to_first_token_s > 0
+    m = scheduler.metrics()
+    assert m["requests_total"] == 2 and m["tokens_total"] == first + 1 + 4 and m["steps_total"] > 0
+    assert scheduler.shutdown(5)
+
+
+def test_cancel_frees_the_request_and_others_are_unaffected():
+    model = _model()
+    scheduler = Scheduler(model, step_costs=FLAT)
+    scheduler.start()
+    long = scheduler.submit(ServeRequest([1, 2], 150))
+    other = scheduler.submit(ServeRequest([4, 5, 6], 40))
+    while not long.tokens:
+        time.sleep(0.001)
+    long.cancel()
+    with pytest.raises(TimeoutError):
+        long.result(0) if not long.done else (_ for _ in ()).throw(TimeoutError)
+    assert other.result(30) == generate(model, [4, 5, 6], 40, engine="autoregressive").tokens
+    long.result(30)
+    assert long.finish_reason == "cancelled" and len(long.tokens) < 150
+    assert scheduler.metrics()["requests_cancelled"] == 1 and scheduler.metrics()["requests_active"] == 0
+    assert scheduler.shutdown(5)
+
+
+def test_a_failing_request_fails_alone(monkeypatch):
+    """An exception inside one request's pipeline ends that request with "error";
+    the others finish with their exact tokens, and the scheduler keeps serving."""
+    from speedec.engines import pipeline as pipeline_module
+
+    model = _model()
+    original = pipeline_module.Pipeline.advance
+
+    def advance(self, hidden, logits):
+        if self.out.tokens and self.out.tokens[0] == -1:
+            raise RuntimeError("boom")
+        return original(self, hidden, logits)
+
+    monkeypatch.setattr(pipeline_module.Pipeline, "advance", advance)
+    scheduler = Scheduler(model, step_costs=FLAT)
+    scheduler.start()
+    handles = [scheduler.submit(ServeRequest(p, 20)) for p in _prompts(3, 64)]
+    bad = scheduler.submit(ServeRequest([7, 7], 20))
+    while not bad.tokens and not bad.done:
+        time.sleep(0.001)
+    # Poison the request's state from outside: its next advance raises.
+    for a in list(scheduler._active):
+        if a.handle is bad:
+            a.pipeline.out.tokens[0] = -1
+    for h, p in zip(handles, _prompts(3, 64)):
+        assert h.result(30) == generate(model, p, 20, engine="autoregressive").tokens
+    with pytest.raises(RuntimeError, match="boom"):
+        bad.result(30)
+    assert bad.finish_reason in ("error", "length")
+    after = scheduler.submit(ServeRequest([1], 5))
+    assert after.result(30) == generate(model, [1], 5, engine="autoregressive").tokens
+    assert scheduler.shutdown(5)
+
+
+@pytest.mark.parametrize("request_,match", [
+    (ServeRequest([], 5), "empty"),
+    (ServeRequest([1, 99], 5), "outside the vocabulary"),
+    (ServeRequest([1], 0), "max_tokens"),
+    (ServeRequest([1], 200), "max_tokens .* context"),
+    (ServeRequest([1], 5, stop_token_ids=frozenset({64})), "stop token id"),
+])
+def test_bad_requests_are_generation_errors(request_, match):
+    scheduler = Scheduler(_model(), step_costs=FLAT)
+    scheduler.start()
+    with pytest.raises(GenerationError, match=match):
+        scheduler.submit(request_)
+    assert scheduler.shutdown(5)
+
+
+def test_queue_full_and_shutdown():
+    model = _model()
+    scheduler = Scheduler(model, max_rows=1, max_queue=1, step_costs=FLAT)
+    with pytest.raises(ShuttingDown, match="not started"):
+        scheduler.submit(ServeRequest([1], 5))
+    scheduler.start()
+    first = scheduler.submit(ServeRequest([1], 150))
+    while not first.tokens:
+        time.sleep(0.001)
+    waiting = scheduler.submit(ServeRequest([2], 5))
+    with pytest.raises(QueueFull, match="queue is full"):
+        scheduler.submit(ServeRequest([3], 5))
+    assert not scheduler.shutdown(0.0)  # deadline passed: the rest is cancelled
+    assert first.finish_reason == "cancelled" and waiting.finish_reason == "cancelled"
+    with pytest.raises(ShuttingDown):
+        scheduler.submit(ServeRequest([1], 5))
+
+
+def test_shutdown_lets_in_flight_requests_finish():
+    model = _model()
+    scheduler = Scheduler(model, step_costs=FLAT)
+    scheduler.start()
+    handles = [scheduler.submit(ServeRequest(p, 25)) for p in _prompts(4, 64)]
+    assert scheduler.shutdown(60)
+    assert all(h.finish_reason == "length" and len(h.tokens) == 25 for h in handles)
+
+
+def test_options_are_checked():
+    model = _model()
+    with pytest.raises(ConfigError, match="engine"):
+        Scheduler(model, engine="fast")
+    with pytest.raises(ConfigError, match="max_rows"):
+        Scheduler(model, max_rows=17)
+    with pytest.raises(ConfigError, match="step_costs"):
+        Scheduler(model, max_rows=4, step_costs=[1.0, 1.0])
+    no_exit = random_model(small_config(n_loops=1, exit_loop=None), seed=0)
+    with pytest.raises(ConfigError, match="autoregressive"):
+        Scheduler(no_exit)
+    Scheduler(no_exit, engine="autoregressive")
+
+
+def test_default_row_budget_follows_the_step_cost_curve():
+    assert best_rows([1.0, 1.0, 1.0, 1.2, 3.0, 3.0]) == 4
+    assert best_rows([1.0] * 16) == 16
+    assert best_rows([1.0, 5.0, 9.0]) == 1
+    scheduler = Scheduler(_model(), step_costs=[1.0] * 5 + [9.0] * 11)
+    scheduler.start()
+    assert scheduler.max_rows == 5
+    assert scheduler.shutdown(5)
+
+
+def test_guesses_stop_where_rows_are_dear():
+    """A second row priced above any saving: no guess is granted beyond the probes
+    (one in 8 opportunities); with flat costs nearly every opportunity guesses."""
+    model = _model()
+    dear = [1.0] + [100.0] * 15
+    requests = [ServeRequest([5, 6, 7], 60)]
+    results, metrics = _serve(model, requests, concurrency=1, max_rows=16, step_costs=dear)
+    assert 0 < metrics["drafts_launched"] <= 60 / 8 + 1
+    cheap_results, cheap = _serve(model, requests, concurrency=1, step_costs=FLAT)
+    assert cheap["drafts_launched"] > 3 * metrics["drafts_launched"]
+    assert results == cheap_results
