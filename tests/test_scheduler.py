@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+from tests.helpers import random_model, small_config
 
 from speedec import generate
 from speedec.engines import get_engine
@@ -17,7 +18,6 @@ from speedec.errors import ConfigError, GenerationError
 from speedec.sampling import Sampler, SamplingParams
 from speedec.serve.keyed import KeyedSampling, position_seed
 from speedec.serve.scheduler import QueueFull, Scheduler, ServeRequest, ShuttingDown, best_rows, run_steps
-from tests.helpers import random_model, small_config
 
 FLAT = [1.0] * 16  # step costs: every row count costs the same (guesses always pay)
 

@@ -4,8 +4,9 @@ Every expected failure (bad option, bad model directory, bad prompt...) prints
 one line ``error: ...`` to stderr and exits with code 2.
 
 One module per command group: :mod:`.generate`, :mod:`.model` (init,
-export-hf, export-gguf), :mod:`.bench` (bench, kernels), :mod:`.study`, :mod:`.data`;
-:mod:`.common` holds what they share. The training and translation commands
+export-hf, export-gguf), :mod:`.bench` (bench, kernels), :mod:`.study`, :mod:`.data`,
+:mod:`.serve` (serve, loadtest: imported on first use, so that no other command
+imports FastAPI); :mod:`.common` holds what they share. The training and translation commands
 live next to what they drive (:mod:`speedec.training.commands`,
 :mod:`speedec.encdec.commands`) and are imported when first used.
 """
@@ -31,6 +32,8 @@ EXTERNAL_COMMANDS = {
     "train-translation": "speedec.encdec.commands:train_translation_command",
     "translate": "speedec.encdec.commands:translate_command",
     "eval-translation": "speedec.encdec.commands:eval_translation_command",
+    "serve": "speedec.cli.serve:serve_command",
+    "loadtest": "speedec.cli.serve:loadtest_command",
 }
 
 
