@@ -166,3 +166,130 @@ def test_kernels_cli_times_every_available_kernel():
     assert bad.exit_code == 2 and "--rounds must be >= 1" in bad.stderr
     bad = CliRunner().invoke(cli, ["kernels", "--preset", "tiny", "--max-rows", "17"])
     assert bad.exit_code == 2 and "--max-rows must be at most 16" in bad.stderr
+
+
+# --------------------------------------------------------- the ouro-1.4b-shape preset
+
+OURO_SHAPE = "ouro-1.4b-shape"
+
+
+def test_ouro_shape_preset_has_ouro_1_4b_shapes():
+    from speedec.config import PRESET_RESIDUAL_SCALE
+
+    c = PRESETS[OURO_SHAPE]
+    assert (c.d_model, c.n_unique_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size,
+            c.n_loops, c.exit_loop) == (2048, 24, 16, 16, 128, 5632, 49152, 4, 1)
+    assert c.architecture == "ouro" and c.tie_embeddings is False
+    assert (c.rope_theta, c.norm_eps) == (1e6, 1e-6)
+    assert 0 < PRESET_RESIDUAL_SCALE[OURO_SHAPE] < 0.1
+    # Parameters from the config's arithmetic, checked against the model laid out on
+    # the meta device (no memory): about 1.4B, as Ouro-1.4B.
+    D, F, V, K = c.d_model, c.ffn_dim, c.vocab_size, c.n_unique_layers
+    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim * D
+    per_layer = qkv + c.n_heads * c.head_dim * D + 3 * F * D + 4 * D  # + attn/mlp norms and sandwich norms
+    expected = K * per_layer + 2 * V * D + D + (D + 1)  # + embedding, untied head, final norm, exit gate
+    with torch.device("meta"):
+        skeleton = LoopedLM(c)
+    assert sum(p.numel() for p in skeleton.parameters()) == expected
+    assert 1.40e9 < expected < 1.47e9
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+
+
+def _ouro_small(**changes):
+    """The ouro-1.4b-shape preset scaled down (same architecture and code path)."""
+    base = dict(vocab_size=300, d_model=64, n_heads=4, n_kv_heads=4, ffn_dim=96, n_unique_layers=2,
+                max_seq_len=64)
+    base.update(changes)
+    return PRESETS[OURO_SHAPE].replace(**base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_model_builds_in_the_target_dtype(dtype):
+    from speedec.bench.setup import random_model
+
+    config = _ouro_small()
+    model = random_model(config, seed=4, residual_scale=0.003, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert not model.training and model.dtype == dtype
+    assert torch.equal(model.rope, LoopedLM(config).rope)  # the rotary table is rebuilt, not left empty
+    # ouro: the scale is the gain of the sandwich norms; the weights are LoopedLM.random's
+    # (rounded to bf16: torch draws bf16 normals in float32 and rounds them).
+    reference = LoopedLM.random(config, seed=4)
+    with torch.no_grad():
+        for layer in reference.layers:
+            layer.attn_out_norm.weight.fill_(0.003)
+            layer.mlp_out_norm.weight.fill_(0.003)
+    ref_state = reference.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ref_state[name].to(dtype)), name
+    assert model.layers[1].mlp_out_norm.weight[0].item() == pytest.approx(0.003, rel=1e-2)
+
+
+def test_build_model_presets_keep_their_weights_and_take_a_dtype():
+    from speedec.bench.setup import build_model
+
+    model = build_model("tiny", seed=1, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.config == PRESETS["tiny"]
+    same = LoopedLM.random(PRESETS["tiny"], seed=1).to(torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+    assert build_model("tiny").dtype == torch.float32
+
+
+def test_bf16_build_never_holds_a_float32_copy():
+    from speedec.bench.memory import model_bytes, peak_rss_bytes, reset_peak_rss
+    from speedec.bench.setup import random_model
+
+    config = _ouro_small(vocab_size=8192, d_model=512, n_heads=8, n_kv_heads=8, ffn_dim=1408,
+                         n_unique_layers=8)  # about 34M parameters: 68 MB bf16, 136 MB float32
+    random_model(_ouro_small(), dtype=torch.bfloat16)  # first use loads code pages (~150 MB of RSS)
+    if not reset_peak_rss():
+        pytest.skip("the peak resident memory cannot be reset here")
+    before = peak_rss_bytes()
+    model = random_model(config, dtype=torch.bfloat16)
+    grown = peak_rss_bytes() - before
+    size = model_bytes(model)
+    assert size == pytest.approx(2 * sum(p.numel() for p in model.parameters()), rel=0.05)
+    assert grown < 1.5 * size  # a float32 build first would add 3x the bf16 size
+
+
+def test_memory_helpers():
+    from speedec.bench.memory import MemoryUse, format_memory, model_bytes, peak_rss_bytes, rss_bytes
+
+    model = LoopedLM.random(PRESETS["tiny"])  # tied embeddings: the shared weight counted once
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert model_bytes(model) == params + model.rope.numel() * 8
+    assert peak_rss_bytes() >= (rss_bytes() or 0) > 0
+    line = format_memory(MemoryUse(model_bytes=5_738_000_000, build_peak_rss_bytes=5_900_000_000,
+                                   decode_peak_rss_bytes=6_100_000_000, decode_peak_is_reset=True), "float32")
+    assert line == "memory: model 5.74 GB (float32); peak RSS 5.90 GB while building, 6.10 GB while decoding"
+    line = format_memory(MemoryUse(model_bytes=151_000, build_peak_rss_bytes=None,
+                                   decode_peak_rss_bytes=330_000_000, decode_peak_is_reset=False), "bfloat16")
+    assert line == ("memory: model 0.2 MB (bfloat16); peak RSS 330.0 MB while decoding "
+                    "(the process's peak: it could not be reset)")
+
+
+def test_ouro_shape_preset_defaults_to_autoregressive_and_speed():
+    from speedec.cli.bench import DEFAULT_ENGINES, bench_rows, default_engines
+
+    assert default_engines(OURO_SHAPE, None) == "autoregressive,speed"
+    assert default_engines("membound", None) == DEFAULT_ENGINES
+    specs, _ = bench_rows(default_engines(OURO_SHAPE, None), "1")
+    assert [s.label for s in specs] == ["autoregressive", "speed"]
+    help_text = CliRunner().invoke(cli, ["bench", "--help"]).output
+    assert OURO_SHAPE in help_text and "--dtype" in help_text
+
+
+def test_bench_cli_bf16_reports_memory(tmp_path):
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(cli, ["bench", "--preset", "tiny", "--dtype", "bfloat16", "--engines",
+                                      "autoregressive,speed", "--repeats", "1", "--warmup", "0",
+                                      "--prompts", "1", "--max-new-tokens", "6", "--threads",
+                                      str(torch.get_num_threads()), "--bandwidth-mb", "16", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "bfloat16"
+    memory = data["memory"]
+    assert memory["model_bytes"] > 0 and memory["decode_peak_rss_bytes"] > 0
+    assert memory["build_peak_rss_bytes"] > 0
+    assert [e["engine"] for e in data["engines"]][:2] == ["autoregressive", "speed"]
+    assert "memory: model " in result.stdout and "while decoding" in result.stdout

@@ -10,10 +10,16 @@ several rounds each:
 
 The floor uses the highest *read* rate measured, so no engine can look closer
 to the floor than it is.
+
+Also the process's resident memory: its peak (``VmHWM``), which Linux lets a
+process reset (``/proc/self/clear_refs``), so that the peak while decoding can
+be told apart from the peak while the model was built.
 """
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from dataclasses import dataclass
 
@@ -62,3 +68,78 @@ def measure_bandwidth(buffer_mb: float = 400.0, repeats: int = 5) -> Bandwidth:
         stream_s = _best(lambda: linear(row, matrix), repeats)
     return Bandwidth(copy_gbps=2 * nbytes / copy_s / 1e9, sum_gbps=nbytes / sum_s / 1e9,
                      stream_gbps=nbytes / stream_s / 1e9, buffer_mb=buffer_mb)
+
+
+def _status_kb(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), in bytes; None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def rss_bytes() -> int | None:
+    """The process's resident memory now (None where /proc is not available)."""
+    return _status_kb("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory since it started or since the last
+    :func:`reset_peak_rss` that worked."""
+    peak = _status_kb("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, kB elsewhere
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak at the current resident memory (Linux); False where not possible
+    (the peak then stays the whole process's)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") is not None
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """What a benchmark held in memory."""
+
+    # Bytes of the model's parameters and buffers.
+    model_bytes: int
+    # Peak resident memory of the process while the model was built (and before).
+    build_peak_rss_bytes: int | None
+    # Peak resident memory while the engines decoded (warm-up included); the
+    # whole process's peak when it could not be reset.
+    decode_peak_rss_bytes: int
+    # Whether decode_peak_rss_bytes covers decoding alone.
+    decode_peak_is_reset: bool
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def format_memory(memory: MemoryUse, dtype: str) -> str:
+    """One line for the benchmark's output."""
+    gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"  # noqa: E731
+    build = (f"{gb(memory.build_peak_rss_bytes)} while building" if memory.build_peak_rss_bytes is not None
+             else None)
+    decode = f"{gb(memory.decode_peak_rss_bytes)} while decoding" + (
+        "" if memory.decode_peak_is_reset else " (the process's peak: it could not be reset)")
+    return f"memory: model {gb(memory.model_bytes)} ({dtype}); peak RSS " + ", ".join(
+        p for p in (build, decode) if p)

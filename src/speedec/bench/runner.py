@@ -18,7 +18,7 @@ import torch
 from ..engines import generate
 from ..engines.base import GenerationStats
 from ..model import LoopedLM
-from .memory import Bandwidth
+from .memory import Bandwidth, MemoryUse, model_bytes, peak_rss_bytes, reset_peak_rss
 
 REFERENCE = "autoregressive"
 # Plain SPEED: the row the speculation options (early correction, adaptive) are compared with.
@@ -93,6 +93,8 @@ class BenchReport:
     machine: dict
     engines: list[EngineSummary]
     notes: list[str]
+    # The model's bytes and the process's peak resident memory (build, decoding).
+    memory: MemoryUse | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,7 +176,14 @@ def _runner(spec: EngineSpec, model: LoopedLM, hf_model, llamacpp_peers) -> Call
 def run_benchmark(model: LoopedLM, specs: list[EngineSpec], prompts: list[list[int]], *,
                   max_new_tokens: int, repeats: int = 5, warmup: int = 1, hf_model=None,
                   llamacpp_peers: dict | None = None, bandwidth: Bandwidth | None = None,
-                  preset: str = "custom", progress: Callable[[str], None] | None = None) -> BenchReport:
+                  preset: str = "custom", progress: Callable[[str], None] | None = None,
+                  build_peak_rss_bytes: int | None = None) -> BenchReport:
+    """``build_peak_rss_bytes``: the process's peak resident memory once the model was
+    built (default: the peak when this is called); the peak while decoding is measured
+    from a reset of the peak (Linux) at the start."""
+    if build_peak_rss_bytes is None:
+        build_peak_rss_bytes = peak_rss_bytes()
+    peak_reset = reset_peak_rss()
     if not any(s.label == REFERENCE for s in specs):
         specs = [EngineSpec(REFERENCE, "ours", REFERENCE), *specs]
     runners = {s.label: _runner(s, model, hf_model, llamacpp_peers) for s in specs}
@@ -196,12 +205,14 @@ def run_benchmark(model: LoopedLM, specs: list[EngineSpec], prompts: list[list[i
                     stats.append(st)
             records.append(RunRecord(s.label, rep, sum(map(len, tokens)), seconds,
                                      _sum_stats(stats) if stats else None, tokens))
+    memory = MemoryUse(model_bytes=model_bytes(model), build_peak_rss_bytes=build_peak_rss_bytes,
+                       decode_peak_rss_bytes=peak_rss_bytes(), decode_peak_is_reset=peak_reset)
     summaries = [_summarise(s, records, model, len(prompts), bandwidth) for s in specs]
     return BenchReport(
         preset=preset, config=model.config.to_dict(), dtype=str(model.dtype).replace("torch.", ""),
         threads=torch.get_num_threads(), max_new_tokens=max_new_tokens, prompts=len(prompts),
         prompt_len=len(prompts[0]), repeats=repeats, bandwidth=bandwidth, machine=machine_info(),
-        engines=summaries, notes=[])
+        engines=summaries, notes=[], memory=memory)
 
 
 def paired_ratios(records: list[RunRecord], label: str, baseline: str) -> list[float]:

@@ -21,7 +21,13 @@ from .common import (
     threads_option,
 )
 
-PRESET_HELP = "membound, membound-deep, tiny, or default (the bundled model)."
+PRESET_HELP = ("membound, membound-deep, ouro-1.4b-shape (Ouro-1.4B's shapes and architecture, random "
+               "weights: 5.7 GB float32, 2.9 GB with --dtype bfloat16), tiny, or default (the bundled model).")
+# Rows of `speedec bench` when --engines is not given.
+DEFAULT_ENGINES = ("autoregressive,speed,self-speculative,hf-generate,hf-early-exit,"
+                   "llamacpp-f32,llamacpp-f16,llamacpp-q8_0")
+# Presets whose default rows are fewer: at 1.4B parameters each row costs minutes.
+PRESET_ENGINES = {"ouro-1.4b-shape": "autoregressive,speed"}
 # Rows of transformers' generate on the exported Llama: row name -> what it runs.
 HF_ROWS = {"hf-generate": "generate", "hf-early-exit": "early-exit"}
 
@@ -31,6 +37,11 @@ def _model_dir(preset_name: str, model_dir: str | None) -> str | None:
     if preset_name == "default" and model_dir is None:
         return str(resolve_model_dir(None))
     return model_dir
+
+
+def default_engines(preset_name: str, model_dir: str | None) -> str:
+    """The rows ``speedec bench`` runs when ``--engines`` is not given."""
+    return DEFAULT_ENGINES if model_dir is not None else PRESET_ENGINES.get(preset_name, DEFAULT_ENGINES)
 
 
 def bench_rows(engines: str, draft_tokens: str) -> tuple[list, list[str]]:
@@ -69,9 +80,7 @@ def bench_rows(engines: str, draft_tokens: str) -> tuple[list, list[str]]:
 @click.command()
 @click.option("--preset", "preset_name", default="membound", show_default=True, help=PRESET_HELP)
 @click.option("--model", "model_dir", default=None, help="Benchmark a saved model instead of a preset.")
-@click.option("--engines", default="autoregressive,speed,self-speculative,hf-generate,hf-early-exit,"
-                                   "llamacpp-f32,llamacpp-f16,llamacpp-q8_0",
-              show_default=True,
+@click.option("--engines", default=None, show_default=DEFAULT_ENGINES + " (ouro-1.4b-shape: autoregressive,speed)",
               help="Comma-separated: speedec engines, speed variants (options joined by '+': "
                    "speed+correction, speed+guesses=2, speed+adaptive, speed+correction+guesses=2+adaptive), "
                    "hf-generate, hf-early-exit, llamacpp-f32, llamacpp-f16, llamacpp-q8_0 (llama.cpp on "
@@ -90,13 +99,18 @@ def bench_rows(engines: str, draft_tokens: str) -> tuple[list, list[str]]:
 @click.option("--bandwidth-mb", default=400.0, show_default=True, type=float,
               help="Buffer size for the memory-bandwidth measurement.")
 @click.option("--residual-scale", type=POSITIVE, default=None,
-              help="Random presets: scale of the residual branches (sets the acceptance; "
-                   "default: the preset's).")
+              help="Random presets: scale of the residual branches (for ouro-1.4b-shape the gain of "
+                   "the sandwich norms on their outputs; sets the acceptance; default: the preset's).")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16"]),
+              help="Weights' dtype, built directly in it (no float32 copy). Default: float32 for a "
+                   "preset, the checkpoint's own for --model.")
 @exit_loop_option
 def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, max_new_tokens, repeats,
-          warmup, threads, seed, json_path, plots_dir, bandwidth_mb, residual_scale, exit_loop) -> None:
-    """Measure engines side by side (interleaved, paired) and print a table."""
+          warmup, threads, seed, json_path, plots_dir, bandwidth_mb, residual_scale, dtype, exit_loop) -> None:
+    """Measure engines side by side (interleaved, paired) and print a table, then the
+    model's size and the process's peak resident memory (building, decoding)."""
     from ..bench import measure_bandwidth, run_benchmark
+    from ..bench.memory import format_memory, peak_rss_bytes, reset_peak_rss
     from ..bench.report import format_table, write_json, write_plots
     from ..bench.setup import build_model, load_hf_peer, make_prompts
 
@@ -104,9 +118,17 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
     model_dir = _model_dir(preset_name, model_dir)
     if residual_scale is not None and model_dir is not None:
         raise click.UsageError("--residual-scale takes a positive number and applies to random presets only")
+    if engines is None:
+        engines = default_engines(preset_name, model_dir)
     specs, notes = bench_rows(engines, draft_tokens)
+    # Before the model exists, so that its buffers never sit beside the weights in
+    # memory; the peak is then restarted, so that the build's peak is the model's.
+    click.echo("measuring memory bandwidth...", err=True)
+    bandwidth = measure_bandwidth(buffer_mb=bandwidth_mb)
+    reset_peak_rss()
     model = build_model(preset_name, seed=seed, model_dir=model_dir, residual_scale=residual_scale,
-                        exit_loop=exit_loop)
+                        exit_loop=exit_loop, dtype=DTYPES[dtype] if dtype else None)
+    build_peak = peak_rss_bytes()
     if model.config.architecture != "llama" and any(s.kind in ("hf", "llamacpp") for s in specs):
         # The Hugging Face and llama.cpp peers run the model exported as a plain Llama.
         specs = [s for s in specs if s.kind not in ("hf", "llamacpp")]
@@ -124,15 +146,15 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
     prompts = make_prompts(model, model_dir, count=n_prompts, length=prompt_len, seed=seed)
     if len(prompts[0]) + max_new_tokens > model.config.max_seq_len:
         raise click.UsageError("--prompt-len + --max-new-tokens exceeds the model's max_seq_len")
-    click.echo("measuring memory bandwidth...", err=True)
-    bandwidth = measure_bandwidth(buffer_mb=bandwidth_mb)
     total = repeats * (len(specs) + (0 if any(s.engine == "autoregressive" for s in specs) else 1))
     with progress_bar(total, "bench") as progress:
         report = run_benchmark(model, specs, prompts, max_new_tokens=max_new_tokens, repeats=repeats,
                                warmup=warmup, hf_model=hf_model, llamacpp_peers=llamacpp_peers,
-                               bandwidth=bandwidth, preset=label, progress=progress)
+                               bandwidth=bandwidth, preset=label, progress=progress,
+                               build_peak_rss_bytes=build_peak)
     report.notes.extend(notes)
     click.echo(format_table(report))
+    click.echo(format_memory(report.memory, report.dtype))
     if json_path:
         write_json(report, json_path)
         click.echo(f"wrote {json_path}", err=True)
@@ -159,7 +181,7 @@ def kernels(preset_name, model_dir, max_rows, rounds, repeats, dtype, threads) -
     from ..kernels import active_kernel, available_kernels, kernel_choice
 
     set_threads(threads)
-    model = build_model(preset_name, model_dir=_model_dir(preset_name, model_dir)).to(DTYPES[dtype])
+    model = build_model(preset_name, model_dir=_model_dir(preset_name, model_dir), dtype=DTYPES[dtype])
     click.echo(f"active kernel: {active_kernel()} (SPEEDEC_KERNEL={kernel_choice()}), weights {dtype}")
     if dtype == "bfloat16":
         click.echo("(bf16: the onednn row runs W @ x.T, oneDNN's reordered weights being float32's)")

@@ -18,7 +18,8 @@ from .common import POSITIVE
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to create.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed of the weights.")
 @click.option("--residual-scale", type=POSITIVE, default=None,
-              help="Scale of the residual branches' output weights (default: the preset's).")
+              help="Scale of the residual branches' output weights, or of their output norms' gains "
+                   "for architecture ouro (default: the preset's).")
 @click.option("--force", is_flag=True, help="Overwrite a model already in --out.")
 def init(preset_name, config_file, out, seed, residual_scale, force) -> None:
     """Create a random-weight model (for tests and benchmarks)."""
@@ -30,7 +31,9 @@ def init(preset_name, config_file, out, seed, residual_scale, force) -> None:
     out_dir = Path(out)
     if (out_dir / "config.json").exists() and not force:
         raise click.UsageError(f"{out_dir} already holds a model; pass --force to overwrite it")
-    model = LoopedLM.random(config, seed=seed, residual_scale=residual_scale)
+    from ..bench.setup import random_model  # the bench's models, scale applied per architecture
+
+    model = random_model(config, seed=seed, residual_scale=residual_scale)
     model.save_pretrained(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
     click.echo(f"wrote {out_dir} ({n_params / 1e6:.2f}M parameters, "
