@@ -125,7 +125,7 @@ class CountWeightReads(TorchDispatchMode):
                     if name is not None:
                         self.calls[name] += 1
         name = func.__name__.split(".")[0]
-        if "scaled_dot_product" in name or name in ("softmax", "_softmax"):
+        if "scaled_dot_product" in name or name in ("softmax", "_softmax", "slot_attention"):
             self.attention += 1
         return func(*args, **(kwargs or {}))
 

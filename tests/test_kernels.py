@@ -238,3 +238,106 @@ def test_the_kernel_is_the_models_choice(kernel, monkeypatch):
         with kernels.use_kernel("torch"):
             model.head(x)
         assert len(callers) == 3 and callers[2] == threading.get_ident()
+
+
+# ------------------------------------------------------------ fused attention
+
+def _reference_attention(q, keys, values, layer, loops, positions):
+    """float64 attention of each row over its loop's keys 0..position (GQA)."""
+    N, H, hd = q.shape
+    Hkv = keys.shape[2]
+    out = torch.empty(N, H * hd, dtype=torch.float64)
+    for n in range(N):
+        for h in range(H):
+            k = keys[layer, loops[n], h // (H // Hkv), : positions[n] + 1].double()
+            v = values[layer, loops[n], h // (H // Hkv), : positions[n] + 1].double()
+            w = torch.softmax(k @ q[n, h].double() * hd ** -0.5, dim=0)
+            out[n, h * hd:(h + 1) * hd] = w @ v
+    return out
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2")
+@pytest.mark.parametrize("hd", [8, 13, 64])
+def test_fused_attention_matches_float64_and_is_batch_invariant(hd):
+    """slot_attention writes every row's key/value at (layer, loop, position) and
+    attends like the float64 reference; a row's output is bit-identical alone, among
+    other rows in any order, and with one thread or two."""
+    assert kernels.avx2_kernel_available(), kernels._AVX2_ERROR
+    gen = torch.Generator().manual_seed(hd)
+    K, L, Hkv, H, S = 2, 4, 2, 6, 40
+    keys = torch.randn(K, L, Hkv, S, hd, generator=gen)
+    values = torch.randn(K, L, Hkv, S, hd, generator=gen)
+    loops, positions = [0, 1, 3, 2, 1], [7, 6, 39, 0, 21]
+    N = len(loops)
+    qkv = torch.randn(N, H + 2 * Hkv, hd, generator=gen)  # views with a row stride, as the layers pass
+    q, k, v = qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:]
+    op = torch.ops.speedec_kernels.slot_attention
+    kc, vc = keys.clone(), values.clone()
+    out = op(q, k, v, kc, vc, 1, loops, positions, hd ** -0.5)
+    for n in range(N):
+        assert torch.equal(kc[1, loops[n], :, positions[n]], k[n]) and torch.equal(vc[1, loops[n], :, positions[n]], v[n])
+    torch.testing.assert_close(out.double(), _reference_attention(q, kc, vc, 1, loops, positions),
+                               rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for n in range(N):
+                kc1, vc1 = kc.clone(), vc.clone()  # the cache as the batched call left it
+                alone = op(q[n:n + 1], k[n:n + 1], v[n:n + 1], kc1, vc1, 1, loops[n:n + 1], positions[n:n + 1],
+                           hd ** -0.5)
+                assert torch.equal(alone[0], out[n])
+            order = [3, 0, 4, 2, 1]
+            shuffled = op(q[order], k[order], v[order], kc.clone(), vc.clone(), 1,
+                          [loops[i] for i in order], [positions[i] for i in order], hd ** -0.5)
+            assert torch.equal(shuffled, out[order])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2")
+def test_fused_attention_rejects_bad_operands():
+    assert kernels.avx2_kernel_available(), kernels._AVX2_ERROR
+    op = torch.ops.speedec_kernels.slot_attention
+    cache = torch.zeros(1, 2, 1, 8, 4)
+    q, kv = torch.zeros(1, 2, 4), torch.zeros(1, 1, 4)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(q, kv, kv, cache, cache.clone(), 0, [0], [8], 0.5)
+    with pytest.raises(RuntimeError, match="one loop and one position per row"):
+        op(q, kv, kv, cache, cache.clone(), 0, [0, 1], [1], 0.5)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(q.double(), kv, kv, cache, cache.clone(), 0, [0], [1], 0.5)
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2")
+def test_decoding_steps_use_the_fused_attention_and_the_switch_turns_it_off(monkeypatch):
+    """float32 decoding steps go through slot_attention (one call per layer, no
+    softmax op); SPEEDEC_FUSED_ATTENTION=0 gives the PyTorch path, same tokens."""
+    from tests.helpers import CountWeightReads, random_model, small_config
+
+    from speedec import generate
+
+    model = random_model(small_config(n_loops=4, exit_loop=1), dtype=torch.float32)
+    calls = {}
+
+    class Ops(CountWeightReads):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            calls[name] = calls.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    kernels.reset_kernel_choice()
+    with Ops({}):
+        fused = generate(model, [1, 2, 3], 12, engine="speed").tokens
+    assert calls.get("slot_attention", 0) > 0
+    monkeypatch.setenv("SPEEDEC_FUSED_ATTENTION", "0")
+    kernels.reset_kernel_choice()
+    calls.clear()
+    try:
+        with Ops({}):
+            plain = generate(model, [1, 2, 3], 12, engine="speed").tokens
+        assert "slot_attention" not in calls and calls.get("_softmax", calls.get("softmax", 0)) > 0
+    finally:
+        monkeypatch.delenv("SPEEDEC_FUSED_ATTENTION")
+        kernels.reset_kernel_choice()
+    assert fused == plain

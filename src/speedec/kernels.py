@@ -145,6 +145,22 @@ def _clear_stale_lock(directory: Path, *, poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
+def fused_attention_available() -> bool:
+    """Whether decoding steps may use the fused one-row attention
+    (``speedec_kernels::slot_attention``): the kernels are built and
+    ``SPEEDEC_FUSED_ATTENTION`` is not ``0`` (default on; ``0`` gives the PyTorch
+    path, for comparisons). Resolved once per process (:func:`reset_kernel_choice`
+    forgets it)."""
+    global _FUSED
+    if _FUSED is None:
+        enabled = os.environ.get("SPEEDEC_FUSED_ATTENTION", "1").strip() != "0"
+        _FUSED = enabled and kernel_choice() in ("auto", "avx2") and avx2_kernel_available()
+    return _FUSED
+
+
+_FUSED: bool | None = None
+
+
 def active_kernel() -> str:
     """The kernel :func:`linear` uses for a few float32 (or bf16) CPU rows: ``avx2``,
     ``onednn``, ``torch`` (``F.linear``, only when chosen) or ``matmul``
@@ -248,8 +264,8 @@ def available_kernels() -> list[str]:
 def reset_kernel_choice() -> None:
     """Forget the process default so that the next product without a model's
     choice reads ``SPEEDEC_KERNEL`` again."""
-    global _DEFAULT
-    _DEFAULT = None
+    global _DEFAULT, _FUSED
+    _DEFAULT = _FUSED = None
 
 
 def _onednn_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
-from .kernels import linear
+from .kernels import fused_attention_available, linear
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -98,12 +98,10 @@ class StepLayout:
     # [G, T, 1, hd] each: rotary angles of every row, in the model's dtype.
     cos: torch.Tensor
     sin: torch.Tensor
-    # [G, 1, rep*T, kv_len] bool (True = attend), or None when every row may
-    # read all kv_len keys. Rows are ordered (kv-group member, t) to match the
-    # grouped-query layout of the queries.
-    mask: torch.Tensor | None
-    # [G*T] long: the position of every row, flat (for cache writes).
-    flat_positions: torch.Tensor
+    # Query heads per kv head.
+    rep: int
+    # The position of every row, flat, as host ints (G * T of them).
+    position_list: tuple[int, ...]
 
     @property
     def groups(self) -> int:
@@ -112,6 +110,24 @@ class StepLayout:
     @property
     def rows(self) -> int:
         return self.positions.shape[1]
+
+    @cached_property
+    def flat_positions(self) -> torch.Tensor:
+        """``[G*T]`` long: the position of every row, flat (for cache writes)."""
+        return self.positions.reshape(-1)
+
+    @cached_property
+    def mask(self) -> torch.Tensor | None:
+        """``[G, 1, rep*T, kv_len]`` bool (True = attend), or None when every row may
+        read all kv_len keys. Rows are ordered (kv-group member, t) to match the
+        grouped-query layout of the queries. Built on first use: the fused
+        one-row attention (:class:`CachedSelfAttention`) needs none."""
+        G, T = self.positions.shape
+        if G == 1 and T == 1:
+            return None  # one row reading exactly its kv_len keys
+        keys = torch.arange(self.kv_len, device=self.positions.device)
+        mask = keys[None, None, :] <= self.positions[:, :, None]  # [G, T, S]
+        return mask[:, None, None].expand(G, 1, self.rep, T, self.kv_len).reshape(G, 1, self.rep * T, self.kv_len)
 
     def loop_index(self, shift: int) -> slice | torch.Tensor:
         """Cache index of the groups' loops after ``shift`` passes: a slice when it can be."""
@@ -133,20 +149,12 @@ def step_layout(rope: torch.Tensor, positions, loops, *, rep: int, dtype: torch.
     """A :class:`StepLayout` over a rotary table ``rope [max_len, 2, hd]``; ``rep`` is
     the number of query heads per kv head."""
     device = rope.device
+    flat = tuple(int(p) for row in positions for p in row)
     pos = torch.tensor(positions, dtype=torch.long, device=device)  # [G, T]
-    G, T = pos.shape
-    kv_len = int(max(max(row) for row in positions)) + 1
     table = rope[pos].to(dtype)  # [G, T, 2, hd]
     cos, sin = table[:, :, 0, None, :], table[:, :, 1, None, :]
-    if G == 1 and T == 1:
-        mask = None  # one row reading exactly its kv_len keys
-    else:
-        keys = torch.arange(kv_len, device=device)
-        mask = keys[None, None, :] <= pos[:, :, None]  # [G, T, S]
-        # Rows ordered (kv-group member, t), as the grouped queries are.
-        mask = mask[:, None, None].expand(G, 1, rep, T, kv_len).reshape(G, 1, rep * T, kv_len)
-    return StepLayout(positions=pos, loops=tuple(loops), kv_len=kv_len, cos=cos, sin=sin,
-                      mask=mask, flat_positions=pos.reshape(-1))
+    return StepLayout(positions=pos, loops=tuple(loops), kv_len=max(flat) + 1, cos=cos, sin=sin, rep=rep,
+                      position_list=flat)
 
 
 class CachedSelfAttention:
@@ -157,17 +165,35 @@ class CachedSelfAttention:
     Each row writes its key/value at (its virtual layer, its position) and
     attends over its own virtual layer's cache up to its own position; all
     groups go through one attention call.
+
+    One row per group (every decoding step; prefill has more) in float32 on
+    the CPU with speedec's kernels built: one fused call,
+    ``speedec_kernels::slot_attention`` (csrc/few_rows.cpp), does the cache
+    writes and every row's attention in place of about twenty PyTorch ops per
+    layer, and computes each row on its own, so that a row's result does not
+    depend on the other rows of the step (batch-invariant like the few-row
+    products). Otherwise the batched PyTorch path below.
     """
 
     def __init__(self, cache: KVCache, layout: StepLayout, shift: int) -> None:
-        self.cache, self.layout = cache, layout
-        self.loop_ids = layout.loop_ids(shift)
-        self.loop_index = layout.loop_index(shift)
+        self.cache, self.layout, self.shift = cache, layout, shift
+        self.fused = (layout.rows == 1 and cache.keys.dtype == torch.float32
+                      and cache.keys.device.type == "cpu" and fused_attention_available())
+        if self.fused:
+            self.loop_list = [loop + shift for loop in layout.loops]
+        else:
+            self.loop_ids = layout.loop_ids(shift)
+            self.loop_index = layout.loop_index(shift)
 
     def __call__(self, unique_layer: int, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> torch.Tensor:
         """``q [G, T, H, hd]``, ``k, v [G, T, Hkv, hd]`` -> ``[G, T, H * hd]``."""
         G, T, H, hd = q.shape
+        if self.fused:
+            out = torch.ops.speedec_kernels.slot_attention(
+                q[:, 0], k[:, 0], v[:, 0], self.cache.keys, self.cache.values, unique_layer,
+                self.loop_list, self.layout.position_list, hd ** -0.5)
+            return out[:, None]
         Hkv = k.shape[2]
         rep = H // Hkv
         layout = self.layout

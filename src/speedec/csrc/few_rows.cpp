@@ -28,6 +28,13 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <vector>
+
 namespace {
 
 using bf16 = c10::BFloat16;
@@ -134,8 +141,116 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& w) {
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+// ---------------------------------------------------------------------------
+// slot_attention: one decoding step's self-attention for rows at their own
+// loops and positions, with the KV cache writes, in one call.
+//
+// Row n (query q[n] [H, hd], key/value k[n], v[n] [Hkv, hd]) sits at loop
+// loops[n] and position positions[n]. Its key and value are written to the
+// cache at (layer, its loop, head, its position), all rows first; then each
+// (row, head) attends over its own virtual layer's keys 0..position:
+// scores = (q . key) * scale, softmax, weighted sum of values. The cache is
+// [K, L, Hkv, max_len, hd] float32, contiguous; head h reads kv head
+// h / (H / Hkv) (grouped-query attention).
+//
+// Determinism: each (row, head) is computed by one thread, in a fixed order
+// (eight-lane FMA dot products then the horizontal sum above, the softmax's
+// max, exp and sum over positions in order, the weighted values accumulated
+// over positions in order). A row's output depends on its query, its loop's
+// cache and its position only: not on the other rows, how many there are or
+// which loops they are at, nor on the thread count. One-row decoding and
+// SPEED's batched steps therefore attend bit for bit alike.
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  const int64_t n8 = n & ~int64_t(7);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = horizontal_sum(acc);
+  for (int64_t i = n8; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          at::Tensor keys, at::Tensor values, int64_t layer, at::IntArrayRef loops,
+                          at::IntArrayRef positions, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "slot_attention: q [N, H, hd], k, v [N, Hkv, hd]");
+  TORCH_CHECK(keys.dim() == 5 && values.sizes() == keys.sizes(), "slot_attention: caches [K, L, Hkv, S, hd]");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &keys, &values})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->stride(-1) == 1,
+                "slot_attention: float32 CPU tensors with a contiguous last dimension");
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "slot_attention: contiguous caches");
+  const int64_t N = q.size(0), H = q.size(1), hd = q.size(2), Hkv = k.size(1);
+  const int64_t n_loops = keys.size(1), max_len = keys.size(3);
+  TORCH_CHECK(k.size(0) == N && v.size(0) == N && v.size(1) == Hkv && k.size(2) == hd && v.size(2) == hd &&
+                  keys.size(2) == Hkv && keys.size(4) == hd && H % Hkv == 0,
+              "slot_attention: inconsistent shapes");
+  TORCH_CHECK(static_cast<int64_t>(loops.size()) == N && static_cast<int64_t>(positions.size()) == N,
+              "slot_attention: one loop and one position per row");
+  TORCH_CHECK(layer >= 0 && layer < keys.size(0), "slot_attention: layer out of range");
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(loops[n] >= 0 && loops[n] < n_loops && positions[n] >= 0 && positions[n] < max_len,
+                "slot_attention: loop or position outside the cache");
+  float* kc = keys.data_ptr<float>();
+  float* vc = values.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  auto head_base = [&](float* cache, int64_t l, int64_t j) {
+    return cache + (((layer * n_loops + l) * Hkv + j) * max_len) * hd;
+  };
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < Hkv; ++j) {
+      std::memcpy(head_base(kc, loops[n], j) + positions[n] * hd, kp + n * k.stride(0) + j * k.stride(1),
+                  hd * sizeof(float));
+      std::memcpy(head_base(vc, loops[n], j) + positions[n] * hd, vp + n * v.stride(0) + j * v.stride(1),
+                  hd * sizeof(float));
+    }
+  at::Tensor out = at::empty({N, H * hd}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  float* op = out.data_ptr<float>();
+  const int64_t rep = H / Hkv;
+  const float fscale = static_cast<float>(scale);
+  int64_t longest = 1;
+  for (int64_t n = 0; n < N; ++n) longest = std::max<int64_t>(longest, positions[n] + 1);
+  // Small steps stay on one thread: the split costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (longest * hd));
+  at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(longest);
+    std::vector<float> acc(hd);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / H, h = task % H, j = h / rep, S = positions[n] + 1;
+      const float* query = qp + n * q.stride(0) + h * q.stride(1);
+      const float* kb = head_base(kc, loops[n], j);
+      const float* vb = head_base(vc, loops[n], j);
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < S; ++s) {
+        weights[s] = dot(query, kb + s * hd, hd) * fscale;
+        top = std::max(top, weights[s]);
+      }
+      float total = 0.0f;
+      for (int64_t s = 0; s < S; ++s) {
+        weights[s] = std::exp(weights[s] - top);
+        total += weights[s];
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const int64_t hd8 = hd & ~int64_t(7);
+      for (int64_t s = 0; s < S; ++s) {
+        const __m256 w = _mm256_set1_ps(weights[s]);
+        const float* row = vb + s * hd;
+        for (int64_t d = 0; d < hd8; d += 8)
+          _mm256_storeu_ps(acc.data() + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(row + d), _mm256_loadu_ps(acc.data() + d)));
+        for (int64_t d = hd8; d < hd; ++d) acc[d] += weights[s] * row[d];
+      }
+      float* o = op + n * H * hd + h * hd;
+      for (int64_t d = 0; d < hd; ++d) o[d] = acc[d] / total;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(speedec_kernels, m) {
   m.def("few_rows_linear(Tensor x, Tensor w) -> Tensor", &few_rows_linear);
+  m.def("slot_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, int layer, "
+        "int[] loops, int[] positions, float scale) -> Tensor", &slot_attention);
 }
