@@ -160,8 +160,8 @@ def test_kernels_cli_times_every_available_kernel():
         assert name in header[1:]
     rows = lines[3:]
     assert [r.split()[0] for r in rows] == ["1", "2", "3"]
-    for r in rows:
-        assert all(float(v.rstrip("x")) > 0 for v in r.split()[1:])
+    for r in rows:  # (>= 0: a loaded machine's timer can round a tiny step's ratio to 0.00x)
+        assert all(float(v.rstrip("x")) >= 0 for v in r.split()[1:])
     bad = CliRunner().invoke(cli, ["kernels", "--preset", "tiny", "--rounds", "0"])
     assert bad.exit_code == 2 and "--rounds must be >= 1" in bad.stderr
     bad = CliRunner().invoke(cli, ["kernels", "--preset", "tiny", "--max-rows", "17"])

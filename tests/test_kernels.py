@@ -312,7 +312,7 @@ def test_fused_attention_rejects_bad_operands():
 @pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2")
 def test_decoding_steps_use_the_fused_attention_and_the_switch_turns_it_off(monkeypatch):
     """float32 decoding steps go through slot_attention (one call per layer, no
-    softmax op); SPEEDEC_FUSED_ATTENTION=0 gives the PyTorch path, same tokens."""
+    softmax op); SPEEDEC_FUSED=0 gives the PyTorch path, same tokens."""
     from tests.helpers import CountWeightReads, random_model, small_config
 
     from speedec import generate
@@ -330,7 +330,7 @@ def test_decoding_steps_use_the_fused_attention_and_the_switch_turns_it_off(monk
     with Ops({}):
         fused = generate(model, [1, 2, 3], 12, engine="speed").tokens
     assert calls.get("slot_attention", 0) > 0
-    monkeypatch.setenv("SPEEDEC_FUSED_ATTENTION", "0")
+    monkeypatch.setenv("SPEEDEC_FUSED", "0")
     kernels.reset_kernel_choice()
     calls.clear()
     try:
@@ -338,6 +338,6 @@ def test_decoding_steps_use_the_fused_attention_and_the_switch_turns_it_off(monk
             plain = generate(model, [1, 2, 3], 12, engine="speed").tokens
         assert "slot_attention" not in calls and calls.get("_softmax", calls.get("softmax", 0)) > 0
     finally:
-        monkeypatch.delenv("SPEEDEC_FUSED_ATTENTION")
+        monkeypatch.delenv("SPEEDEC_FUSED")
         kernels.reset_kernel_choice()
     assert fused == plain

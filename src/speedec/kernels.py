@@ -145,15 +145,15 @@ def _clear_stale_lock(directory: Path, *, poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
-def fused_attention_available() -> bool:
-    """Whether decoding steps may use the fused one-row attention
-    (``speedec_kernels::slot_attention``): the kernels are built and
-    ``SPEEDEC_FUSED_ATTENTION`` is not ``0`` (default on; ``0`` gives the PyTorch
-    path, for comparisons). Resolved once per process (:func:`reset_kernel_choice`
-    forgets it)."""
+def fused_ops_available() -> bool:
+    """Whether decoding may use speedec's fused float32 ops (the one-row attention
+    ``speedec_kernels::slot_attention`` and ``rms_norm``, csrc/few_rows.cpp): the
+    kernels are built and ``SPEEDEC_FUSED`` is not ``0`` (default on; ``0``
+    gives the PyTorch formulations, for comparisons). Resolved once per process
+    (:func:`reset_kernel_choice` forgets it)."""
     global _FUSED
     if _FUSED is None:
-        enabled = os.environ.get("SPEEDEC_FUSED_ATTENTION", "1").strip() != "0"
+        enabled = os.environ.get("SPEEDEC_FUSED", "1").strip() != "0"
         _FUSED = enabled and kernel_choice() in ("auto", "avx2") and avx2_kernel_available()
     return _FUSED
 
@@ -187,14 +187,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None) -> 
     rows = x.numel() // x.shape[-1]
     if rows > FEW_ROWS or torch.is_grad_enabled():
         return F.linear(x, weight)
+    if weight.device.type == "cpu" and _kernel_operands(x.dtype, weight.dtype):
+        kernel = _OVERRIDE.get() or kernel or _DEFAULT or _resolve()
+        if kernel == "avx2":  # takes x [..., in] as it is: no reshapes on this path
+            return torch.ops.speedec_kernels.few_rows_linear(x, weight)
     # Row-major rows in, row-major rows out: a column-major output pushes the
     # attention that follows off its fast kernel.
     x2 = x.reshape(rows, x.shape[-1]).contiguous()
     if weight.device.type == "cpu" and _kernel_operands(x2.dtype, weight.dtype):
-        kernel = _OVERRIDE.get() or kernel or _DEFAULT or _resolve()
-        if kernel == "avx2":
-            out = torch.ops.speedec_kernels.few_rows_linear(x2, weight)
-            return out.reshape(*x.shape[:-1], weight.shape[0])
         if x2.dtype != weight.dtype:  # float32 rows, bf16 weights: the fallbacks compute in bf16
             return linear(x.to(weight.dtype), weight, "matmul" if kernel == "onednn" else kernel).to(x.dtype)
         if kernel == "torch":

@@ -25,7 +25,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
-from .kernels import fused_attention_available, linear
+from .kernels import fused_ops_available, linear
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -48,6 +48,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Decoding (no gradients) in float32 on the CPU: one fused op
+        # (speedec_kernels::rms_norm, batch-invariant) instead of six.
+        if (x.dtype == torch.float32 and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and self.weight.dtype == torch.float32 and fused_ops_available()):
+            return torch.ops.speedec_kernels.rms_norm(x, self.weight, self.eps)
         # Written out: F.rms_norm measured 32 us against about 12 us for these
         # four ops on a few rows of 1024 (a per-layer cost at every step).
         if x.dtype in _HALF:
@@ -178,7 +183,7 @@ class CachedSelfAttention:
     def __init__(self, cache: KVCache, layout: StepLayout, shift: int) -> None:
         self.cache, self.layout, self.shift = cache, layout, shift
         self.fused = (layout.rows == 1 and cache.keys.dtype == torch.float32
-                      and cache.keys.device.type == "cpu" and fused_attention_available())
+                      and cache.keys.device.type == "cpu" and fused_ops_available())
         if self.fused:
             self.loop_list = [loop + shift for loop in layout.loops]
         else:

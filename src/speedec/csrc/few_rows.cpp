@@ -118,7 +118,7 @@ void run(const float* xp, const W* wp, float* op, int64_t M, int64_t K, int64_t 
 }
 
 at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "few_rows_linear: x [M, K] and w [N, K] expected");
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2, "few_rows_linear: x [..., K] and w [N, K] expected");
   const bool w_bf16 = w.scalar_type() == at::kBFloat16;
   TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
                   (w.scalar_type() == at::kFloat || w_bf16),
@@ -126,9 +126,12 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w_bf16 || x.scalar_type() == at::kFloat,
               "few_rows_linear: float32 weights take float32 rows");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "few_rows_linear: CPU tensors only");
-  TORCH_CHECK(x.size(1) == w.size(1), "few_rows_linear: x has ", x.size(1), " columns, w has ",
+  TORCH_CHECK(x.size(-1) == w.size(1), "few_rows_linear: x has ", x.size(-1), " columns, w has ",
               w.size(1));
-  const at::Tensor xc = x.to(at::kFloat).contiguous();
+  // Any leading dimensions: rows are x's rows, the output has x's shape with N columns.
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.size(0);
+  const at::Tensor xc = x.to(at::kFloat).contiguous().view({-1, x.size(-1)});
   const at::Tensor wc = w.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
   at::Tensor out = at::empty({M, N}, xc.options());
@@ -138,7 +141,43 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& w) {
     run<bf16>(xp, wc.data_ptr<bf16>(), op, M, K, N);
   else
     run<float>(xp, wc.data_ptr<float>(), op, M, K, N);
+  out = out.view(shape);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+// rms_norm: out = x * (1 / sqrt(mean(x^2) + eps)) * w over the last dimension,
+// float32. Each row's mean square is an eight-lane FMA chain then the
+// horizontal sum above (a fixed order, whatever the number of rows: batch-
+// invariant), and one call replaces the six element-wise ops of the PyTorch
+// formulation, which cost more than the arithmetic at a decoding step's rows.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                  w.device().is_cpu(), "rms_norm: float32 CPU tensors only");
+  TORCH_CHECK(w.dim() == 1 && x.size(-1) == w.size(0), "rms_norm: x [..., D] and w [D] expected");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wc = w.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options());
+  const int64_t D = w.size(0), rows = D == 0 ? 0 : xc.numel() / D, d8 = D & ~int64_t(7);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = xp + r * D;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < d8; d += 8) {
+      const __m256 v = _mm256_loadu_ps(row + d);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = horizontal_sum(acc);
+    for (int64_t d = d8; d < D; ++d) ss += row[d] * row[d];
+    const float scale = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+    const __m256 sv = _mm256_set1_ps(scale);
+    float* o = op + r * D;
+    for (int64_t d = 0; d < d8; d += 8)
+      _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(row + d), sv), _mm256_loadu_ps(wp + d)));
+    for (int64_t d = d8; d < D; ++d) o[d] = (row[d] * scale) * wp[d];
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -251,6 +290,7 @@ at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 TORCH_LIBRARY(speedec_kernels, m) {
   m.def("few_rows_linear(Tensor x, Tensor w) -> Tensor", &few_rows_linear);
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
   m.def("slot_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, int layer, "
         "int[] loops, int[] positions, float scale) -> Tensor", &slot_attention);
 }
