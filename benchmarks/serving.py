@@ -250,7 +250,11 @@ def measure_server(label: str, server: ServerProcess, levels: list[int], args, p
             launched = after["speedec_drafts_launched_total"] - before["speedec_drafts_launched_total"]
             accepted = after["speedec_drafts_accepted_total"] - before["speedec_drafts_accepted_total"]
             level["rows_per_step"] = rows / steps if steps else None
-            level["draft_acceptance"] = accepted / launched if launched else None
+            rejected = (after.get("speedec_drafts_rejected_total", 0.0)
+                        - before.get("speedec_drafts_rejected_total", 0.0))
+            # The engines' acceptance: accepted / verified (launched also counts discarded guesses).
+            level["draft_acceptance"] = (accepted / (accepted + rejected) if accepted + rejected
+                                         else accepted / launched if launched else None)
             level["step_ms"] = 1000 * (after["speedec_step_seconds_total"]
                                        - before["speedec_step_seconds_total"]) / steps if steps else None
         out_levels.append(level)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tests.helpers import random_model, small_config
 
-from speedec import generate
+from speedec import generate, kernels
 from speedec.engines import get_engine
 from speedec.engines.base import GenerationStats, Output, prefill
 from speedec.errors import ConfigError, GenerationError
@@ -132,6 +132,21 @@ def test_greedy_float32_equals_speed_alone_at_low_load_and_batches_rows():
     for p, got in zip(prompts, results):
         assert got == generate(model, p, 30, engine="speed").tokens
     assert metrics["rows_total"] / metrics["steps_total"] > 1.5
+
+
+@pytest.mark.skipif(not kernels.fused_ops_available(), reason="speedec's AVX2 kernels are not built here")
+def test_greedy_float32_is_exact_under_load_with_the_fused_kernels():
+    """float32 with the batch-invariant products and the per-row fused attention: under
+    load (queueing, guesses denied by a 4-row budget) every request still gets the
+    speed engine's tokens alone, and those are the autoregressive engine's, bit for bit."""
+    model = _model(torch.float32)
+    prompts = _prompts(10, 64, seed=4)
+    results, metrics = _serve(model, [ServeRequest(p, 30) for p in prompts], concurrency=8, jitter=0.005,
+                              max_rows=4, step_costs=FLAT)
+    for p, got in zip(prompts, results):
+        assert got == generate(model, p, 30, engine="speed").tokens == generate(
+            model, p, 30, engine="autoregressive").tokens
+    assert metrics["rows_total"] / metrics["steps_total"] > 2
 
 
 def test_seeded_sampling_is_independent_of_load():

@@ -79,7 +79,8 @@ class FakeScheduler:
     def metrics(self):
         return {"requests_total": 3, "requests_active": 1, "queue_depth": 0, "tokens_total": 40,
                 "steps_total": 20, "rows_total": 50, "step_seconds_total": 0.125, "drafts_launched": 30,
-                "drafts_accepted": 24, "requests_failed": 0, "requests_cancelled": 1, "rows_limit": 8}
+                "drafts_accepted": 24, "drafts_rejected": 6, "requests_failed": 0, "requests_cancelled": 1,
+                "rows_limit": 8}
 
     def shutdown(self, deadline_s=30.0):
         return True

@@ -667,6 +667,7 @@ _METRICS = {
     "step_seconds_total": ("speedec_step_seconds_total", "counter", "Seconds spent in scheduler steps."),
     "drafts_launched": ("speedec_drafts_launched_total", "counter", "Guesses launched from the early exit."),
     "drafts_accepted": ("speedec_drafts_accepted_total", "counter", "Guesses that verification kept."),
+    "drafts_rejected": ("speedec_drafts_rejected_total", "counter", "Guesses that verification replaced."),
     "requests_failed": ("speedec_requests_failed_total", "counter", "Requests that ended with an error."),
     "requests_cancelled": ("speedec_requests_cancelled_total", "counter",
                            "Requests cancelled (client gone, stop string, shutdown)."),
@@ -679,7 +680,7 @@ _NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 def prometheus_text(values: Mapping[str, Any]) -> str:
     """Prometheus text exposition (format 0.0.4) of ``scheduler.metrics()``, with two derived
-    gauges: draft acceptance (accepted / launched) and rows per step; keys this module
+    gauges: draft acceptance (accepted / verified, the engines' definition) and rows per step; keys this module
     does not know are exported as ``speedec_<key>`` (a counter when the key ends in
     ``_total``, else a gauge)."""
     def number(key: str) -> float:
@@ -693,9 +694,9 @@ def prometheus_text(values: Mapping[str, Any]) -> str:
 
     for key, (name, kind, help_text) in _METRICS.items():
         emit(name, kind, help_text, number(key))
-    launched, steps = number("drafts_launched"), number("steps_total")
-    emit("speedec_draft_acceptance", "gauge", "Fraction of launched guesses kept (0 before any).",
-         number("drafts_accepted") / launched if launched else 0.0)
+    verified, steps = number("drafts_accepted") + number("drafts_rejected"), number("steps_total")
+    emit("speedec_draft_acceptance", "gauge", "Fraction of verified guesses kept (0 before any).",
+         number("drafts_accepted") / verified if verified else 0.0)
     emit("speedec_rows_per_step", "gauge", "Mean rows per scheduler step (0 before any step).",
          number("rows_total") / steps if steps else 0.0)
     for key in sorted(set(values) - set(_METRICS)):

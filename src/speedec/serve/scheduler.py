@@ -283,7 +283,7 @@ class Scheduler:
         self._counters = dict.fromkeys(
             ("requests_total", "requests_finished", "requests_failed", "requests_cancelled",
              "tokens_total", "steps_total", "rows_total", "step_seconds_total", "prefill_seconds_total",
-             "drafts_launched", "drafts_accepted"), 0.0)
+             "drafts_launched", "drafts_accepted", "drafts_rejected"), 0.0)
         self._acceptance = 0.8  # server-wide running estimate: a new request's prior
 
     # ---------------------------------------------------------------- lifecycle
@@ -358,7 +358,10 @@ class Scheduler:
     def metrics(self) -> dict[str, float]:
         """Counters and gauges: requests_total, requests_active, queue_depth,
         tokens_total, steps_total, rows_total, step_seconds_total, drafts_launched,
-        drafts_accepted, requests_failed, requests_cancelled (and more)."""
+        drafts_accepted, drafts_rejected (acceptance = accepted / (accepted + rejected),
+        the engines' definition; launched also counts guesses discarded behind a
+        rejected one or at a request's end), requests_failed, requests_cancelled
+        (and more)."""
         with self._lock:
             out = dict(self._counters)
             out["requests_active"] = float(len(self._active))
@@ -367,6 +370,7 @@ class Scheduler:
             for a in self._active:  # live requests count too
                 out["drafts_launched"] += a.stats.drafts_launched
                 out["drafts_accepted"] += a.stats.drafts_accepted
+                out["drafts_rejected"] += a.stats.drafts_rejected
         return out
 
     # ---------------------------------------------------------------- the thread
@@ -530,6 +534,7 @@ class Scheduler:
         c = self._counters
         c["drafts_launched"] += a.stats.drafts_launched
         c["drafts_accepted"] += a.stats.drafts_accepted
+        c["drafts_rejected"] += a.stats.drafts_rejected
         if a.stats.drafts_launched:
             rate = a.stats.drafts_accepted / a.stats.drafts_launched
             self._acceptance += (rate - self._acceptance) / 8
