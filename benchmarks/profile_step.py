@@ -27,7 +27,7 @@ from speedec.kernels import prepare_kernel
 
 PRODUCTS = ("speedec_kernels::few_rows_linear", "aten::linear", "aten::mm", "aten::addmm",
             "mkldnn::_linear_pointwise")
-ATTENTION = ("aten::bmm", "aten::_softmax", "aten::masked_fill", "aten::masked_fill_")
+ATTENTION = ("aten::bmm", "aten::_softmax", "aten::masked_fill", "aten::masked_fill_", "speedec_kernels::slot_attention", "speedec_kernels::slot_attention_rope")
 
 
 def main() -> None:

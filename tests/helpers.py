@@ -125,7 +125,7 @@ class CountWeightReads(TorchDispatchMode):
                     if name is not None:
                         self.calls[name] += 1
         name = func.__name__.split(".")[0]
-        if "scaled_dot_product" in name or name in ("softmax", "_softmax", "slot_attention"):
+        if "scaled_dot_product" in name or name in ("softmax", "_softmax", "slot_attention", "slot_attention_rope"):
             self.attention += 1
         return func(*args, **(kwargs or {}))
 

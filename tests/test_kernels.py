@@ -329,15 +329,45 @@ def test_decoding_steps_use_the_fused_attention_and_the_switch_turns_it_off(monk
     kernels.reset_kernel_choice()
     with Ops({}):
         fused = generate(model, [1, 2, 3], 12, engine="speed").tokens
-    assert calls.get("slot_attention", 0) > 0
+    assert calls.get("slot_attention_rope", 0) > 0  # (prefill, many rows per group, takes the PyTorch path)
     monkeypatch.setenv("SPEEDEC_FUSED", "0")
     kernels.reset_kernel_choice()
     calls.clear()
     try:
         with Ops({}):
             plain = generate(model, [1, 2, 3], 12, engine="speed").tokens
-        assert "slot_attention" not in calls and calls.get("_softmax", calls.get("softmax", 0)) > 0
+        assert "slot_attention" not in calls and "slot_attention_rope" not in calls
+        assert calls.get("_softmax", calls.get("softmax", 0)) > 0
     finally:
         monkeypatch.delenv("SPEEDEC_FUSED")
         kernels.reset_kernel_choice()
     assert fused == plain
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2")
+@pytest.mark.parametrize("hd", [8, 64])
+def test_fused_attention_with_rotary_equals_apply_rope_then_attention(hd):
+    """slot_attention_rope on the unrotated projection rotates q and k exactly as
+    apply_rope does (bit for bit: same roundings, no FMA) and then attends as
+    slot_attention: outputs and cache writes identical."""
+    from speedec.model import apply_rope, rope_table
+
+    assert kernels.avx2_kernel_available(), kernels._AVX2_ERROR
+    gen = torch.Generator().manual_seed(hd + 1)
+    K, L, Hkv, H, S = 2, 4, 2, 4, 48
+    rope = rope_table(64, hd, 10000.0)
+    keys, values = torch.randn(K, L, Hkv, S, hd, generator=gen), torch.randn(K, L, Hkv, S, hd, generator=gen)
+    loops, positions = [3, 2, 1, 0], [40, 9, 17, 2]
+    N = len(loops)
+    qkv = torch.randn(N, (H + 2 * Hkv) * hd, generator=gen)
+    angles = rope[torch.tensor(positions)].float()  # [N, 2, hd]
+    qk = apply_rope(qkv[:, : (H + Hkv) * hd].reshape(N, H + Hkv, hd), angles[:, None, 0], angles[:, None, 1])
+    v = qkv[:, (H + Hkv) * hd:].reshape(N, Hkv, hd)
+    k1, v1 = keys.clone(), values.clone()
+    plain = torch.ops.speedec_kernels.slot_attention(qk[:, :H], qk[:, H:], v, k1, v1, 1, loops, positions,
+                                                     hd ** -0.5)
+    k2, v2 = keys.clone(), values.clone()
+    fused = torch.ops.speedec_kernels.slot_attention_rope(qkv, rope, k2, v2, 1, loops, positions, H, hd ** -0.5)
+    assert torch.equal(fused, plain) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.speedec_kernels.slot_attention_rope(qkv[:, :-1], rope, k2, v2, 1, loops, positions, H, 0.5)

@@ -91,30 +91,38 @@ class StepLayout:
     """Where the rows of one ``run_loops`` call sit in the sequence and the cache.
 
     Rows are G groups of T rows. All rows of group g are at loop ``loops[g]`` at
-    the start of the call and at their own positions.
+    the start of the call and at their own positions. Only host ints are built
+    up front; the tensors (positions, rotary angles, mask) are built on first
+    use, because the fused decoding path (:class:`CachedSelfAttention`) needs
+    none of them.
     """
 
-    # [G, T] long: the position of every row.
-    positions: torch.Tensor
     # Loop of each group at the start of the call (host ints, G of them).
     loops: tuple[int, ...]
+    # (G, T).
+    shape: tuple[int, int]
     # Keys read per group: max position + 1.
     kv_len: int
-    # [G, T, 1, hd] each: rotary angles of every row, in the model's dtype.
-    cos: torch.Tensor
-    sin: torch.Tensor
     # Query heads per kv head.
     rep: int
     # The position of every row, flat, as host ints (G * T of them).
     position_list: tuple[int, ...]
+    # The rotary table ``[max_len, 2, hd]`` (rope_table: float64, float32 in a cast model), the model's dtype.
+    rope: torch.Tensor
+    dtype: torch.dtype
 
     @property
     def groups(self) -> int:
-        return self.positions.shape[0]
+        return self.shape[0]
 
     @property
     def rows(self) -> int:
-        return self.positions.shape[1]
+        return self.shape[1]
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        """``[G, T]`` long: the position of every row."""
+        return torch.tensor(self.position_list, dtype=torch.long, device=self.rope.device).view(self.shape)
 
     @cached_property
     def flat_positions(self) -> torch.Tensor:
@@ -122,15 +130,28 @@ class StepLayout:
         return self.positions.reshape(-1)
 
     @cached_property
+    def _angles(self) -> torch.Tensor:
+        return self.rope[self.positions].to(self.dtype)  # [G, T, 2, hd]
+
+    @property
+    def cos(self) -> torch.Tensor:
+        """``[G, T, 1, hd]``: rotary cosines of every row, in the model's dtype."""
+        return self._angles[:, :, 0, None, :]
+
+    @property
+    def sin(self) -> torch.Tensor:
+        """``[G, T, 1, hd]``: rotary signed sines of every row, in the model's dtype."""
+        return self._angles[:, :, 1, None, :]
+
+    @cached_property
     def mask(self) -> torch.Tensor | None:
         """``[G, 1, rep*T, kv_len]`` bool (True = attend), or None when every row may
         read all kv_len keys. Rows are ordered (kv-group member, t) to match the
-        grouped-query layout of the queries. Built on first use: the fused
-        one-row attention (:class:`CachedSelfAttention`) needs none."""
-        G, T = self.positions.shape
+        grouped-query layout of the queries."""
+        G, T = self.shape
         if G == 1 and T == 1:
             return None  # one row reading exactly its kv_len keys
-        keys = torch.arange(self.kv_len, device=self.positions.device)
+        keys = torch.arange(self.kv_len, device=self.rope.device)
         mask = keys[None, None, :] <= self.positions[:, :, None]  # [G, T, S]
         return mask[:, None, None].expand(G, 1, self.rep, T, self.kv_len).reshape(G, 1, self.rep * T, self.kv_len)
 
@@ -142,24 +163,21 @@ class StepLayout:
         stride = self.loops[1] - self.loops[0]
         if stride > 0 and all(b - a == stride for a, b in zip(self.loops, self.loops[1:])):
             return slice(first, first + stride * (len(self.loops) - 1) + 1, stride)
-        return torch.tensor(self.loops, device=self.positions.device) + shift
+        return torch.tensor(self.loops, device=self.rope.device) + shift
 
     def loop_ids(self, shift: int) -> torch.Tensor:
         """``[G*T]`` loop of every row after ``shift`` passes (for cache writes)."""
-        loops = torch.tensor(self.loops, device=self.positions.device) + shift
+        loops = torch.tensor(self.loops, device=self.rope.device) + shift
         return loops.repeat_interleave(self.rows)
 
 
 def step_layout(rope: torch.Tensor, positions, loops, *, rep: int, dtype: torch.dtype) -> StepLayout:
     """A :class:`StepLayout` over a rotary table ``rope [max_len, 2, hd]``; ``rep`` is
     the number of query heads per kv head."""
-    device = rope.device
     flat = tuple(int(p) for row in positions for p in row)
-    pos = torch.tensor(positions, dtype=torch.long, device=device)  # [G, T]
-    table = rope[pos].to(dtype)  # [G, T, 2, hd]
-    cos, sin = table[:, :, 0, None, :], table[:, :, 1, None, :]
-    return StepLayout(positions=pos, loops=tuple(loops), kv_len=max(flat) + 1, cos=cos, sin=sin, rep=rep,
-                      position_list=flat)
+    shape = (len(positions), len(positions[0]))
+    return StepLayout(loops=tuple(loops), shape=shape, kv_len=max(flat) + 1, rep=rep, position_list=flat,
+                      rope=rope, dtype=dtype)
 
 
 class CachedSelfAttention:
@@ -184,11 +202,25 @@ class CachedSelfAttention:
         self.cache, self.layout, self.shift = cache, layout, shift
         self.fused = (layout.rows == 1 and cache.keys.dtype == torch.float32
                       and cache.keys.device.type == "cpu" and fused_ops_available())
+        # The fused path can also take the layer's q/k/v projection as it is and rotate
+        # it (from_qkv), reading the rotary table (float64, or float32 in a cast model).
+        self.rotates = (self.fused and layout.rope.dtype in (torch.float64, torch.float32)
+                        and layout.rope.is_contiguous())
         if self.fused:
             self.loop_list = [loop + shift for loop in layout.loops]
         else:
             self.loop_ids = layout.loop_ids(shift)
             self.loop_index = layout.loop_index(shift)
+
+    def from_qkv(self, unique_layer: int, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        """The fused path from the layer's unrotated projection ``qkv [G, 1, (H + 2 Hkv) hd]``:
+        rotary embedding, cache writes and attention in one call -> ``[G, 1, H * hd]``
+        (``speedec_kernels::slot_attention_rope``; only when :attr:`rotates`)."""
+        hd = self.cache.keys.shape[-1]
+        out = torch.ops.speedec_kernels.slot_attention_rope(
+            qkv[:, 0], self.layout.rope, self.cache.keys, self.cache.values, unique_layer, self.loop_list,
+            self.layout.position_list, heads, hd ** -0.5)
+        return out[:, None]
 
     def __call__(self, unique_layer: int, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> torch.Tensor:
@@ -321,6 +353,42 @@ def step_attention(cache: KVCache, layout: StepLayout, shift: int, spares: Spare
     return partial(split_attention, attention, SpareAttention(cache, spares, shift), layout.groups)
 
 
+class LayerAttention:
+    """A call's self-attention bound to unique layer ``layer``: ``attend(q, k, v)``
+    (rotated queries and keys), and, where the fused path takes the projection
+    as it is (``rotates``), ``attend.from_qkv(qkv, heads)`` with the rotary
+    embedding inside the fused op (no rotary or slicing ops in Python)."""
+
+    __slots__ = ("attention", "layer", "rotates")
+
+    def __init__(self, attention, layer: int) -> None:
+        self.attention, self.layer = attention, layer
+        self.rotates = getattr(attention, "rotates", False)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.attention(self.layer, q, k, v)
+
+    def from_qkv(self, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        return self.attention.from_qkv(self.layer, qkv, heads)
+
+
+class SegmentAttention:
+    """The self-attention of several requests' rows in one call (a server step):
+    each segment's rows against its own cache, outputs in row order."""
+
+    def __init__(self, attentions: list, sizes: list[int]) -> None:
+        self.attentions, self.sizes = attentions, sizes
+        self.rotates = all(getattr(a, "rotates", False) for a in attentions)
+
+    def __call__(self, unique_layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([attention(unique_layer, *parts) for attention, *parts in
+                          zip(self.attentions, q.split(self.sizes), k.split(self.sizes), v.split(self.sizes))])
+
+    def from_qkv(self, unique_layer: int, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        return torch.cat([attention.from_qkv(unique_layer, part, heads)
+                          for attention, part in zip(self.attentions, qkv.split(self.sizes))])
+
+
 class LoopedLayer(KernelModule):
     """One unique Llama-style layer: RMSNorm, GQA attention with RoPE, SwiGLU MLP.
 
@@ -350,6 +418,8 @@ class LoopedLayer(KernelModule):
         G, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = linear(self.attn_norm(x), self.wqkv, self.kernel)  # [G, T, (H + 2 Hkv) hd]
+        if getattr(attend, "rotates", False):  # the fused decoding path rotates q and k itself
+            return linear(attend.from_qkv(qkv, H), self.wo, self.kernel)
         # q and k rotated together: [G, T, H + Hkv, hd]
         qk = apply_rope(qkv[..., : (H + Hkv) * hd].reshape(G, T, H + Hkv, hd), cos, sin)
         q, k = qk[:, :, :H], qk[:, :, H:]
@@ -696,19 +766,21 @@ class LoopedLM(LoopedModelBase):
         With ``spares`` (T = 1 only), ``x`` holds G + S rows: the last S are
         spare rows (see :class:`SpareRows`), in the same matmuls.
         """
-        cos, sin = step_rope(layout, spares)
         loops = None
         if self.loop_embedding is not None:
             loops = torch.tensor(layout.loops, device=x.device).repeat_interleave(layout.rows)  # [G*T]
             loops = loops.view(layout.groups, layout.rows)  # [G, T]
             if spares is not None:
                 loops = torch.cat((loops, spares.loops[:, None]))  # [G + S, 1]
+        cos = sin = None  # built only if a pass needs them (the fused path does not)
         for shift in range(n_loops):
             if loops is not None:
                 x = self.begin_loop(x, loops + shift)  # [G, T, D] + [G, T, D]
             attention = step_attention(cache, layout, shift, spares)
+            if cos is None and not getattr(attention, "rotates", False):
+                cos, sin = step_rope(layout, spares)
             for k_unique, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, partial(attention, k_unique))
+                x = layer(x, cos, sin, LayerAttention(attention, k_unique))
             x = self.end_of_loop(x)
         return x
 
@@ -731,8 +803,6 @@ class LoopedLM(LoopedModelBase):
         if len(segments) == 1:
             layout, cache, spares = segments[0]
             return self.run_loops(x, layout, cache, 1, spares=spares)
-        ropes = [step_rope(layout, spares) for layout, _, spares in segments]
-        cos, sin = torch.cat([c for c, _ in ropes]), torch.cat([s for _, s in ropes])
         sizes = [layout.groups + (0 if spares is None else spares.loops.shape[0])
                  for layout, _, spares in segments]
         if self.loop_embedding is not None:
@@ -740,12 +810,12 @@ class LoopedLM(LoopedModelBase):
                                else torch.cat((torch.tensor(layout.loops, device=x.device), spares.loops))
                                for layout, _, spares in segments])
             x = self.begin_loop(x, loops[:, None])  # [N, 1]
-        attentions = [step_attention(cache, layout, 0, spares) for layout, cache, spares in segments]
-
-        def attend(unique_layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return torch.cat([attention(unique_layer, *parts) for attention, *parts in
-                              zip(attentions, q.split(sizes), k.split(sizes), v.split(sizes))])
-
+        attention = SegmentAttention([step_attention(cache, layout, 0, spares)
+                                      for layout, cache, spares in segments], sizes)
+        cos = sin = None
+        if not attention.rotates:
+            ropes = [step_rope(layout, spares) for layout, _, spares in segments]
+            cos, sin = torch.cat([c for c, _ in ropes]), torch.cat([s for _, s in ropes])
         for k_unique, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, partial(attend, k_unique))
+            x = layer(x, cos, sin, LayerAttention(attention, k_unique))
         return self.end_of_loop(x)

@@ -209,6 +209,57 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// Attention of N rows (queries at q + n * q_row + h * q_head) over their caches,
+// after the rows' keys and values are written (see slot_attention).
+at::Tensor attend_rows(const float* qp, int64_t q_row, int64_t q_head, const float* kc, const float* vc,
+                       int64_t layer, int64_t n_loops, int64_t Hkv, int64_t max_len, int64_t N, int64_t H,
+                       int64_t hd, at::IntArrayRef loops, at::IntArrayRef positions, double scale,
+                       const at::TensorOptions& options) {
+  auto head_base = [&](const float* cache, int64_t l, int64_t j) {
+    return cache + (((layer * n_loops + l) * Hkv + j) * max_len) * hd;
+  };
+  at::Tensor out = at::empty({N, H * hd}, options);
+  float* op = out.data_ptr<float>();
+  const int64_t rep = H / Hkv;
+  const float fscale = static_cast<float>(scale);
+  int64_t longest = 1;
+  for (int64_t n = 0; n < N; ++n) longest = std::max<int64_t>(longest, positions[n] + 1);
+  // Small steps stay on one thread: the split costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (longest * hd));
+  at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(longest);
+    std::vector<float> acc(hd);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / H, h = task % H, j = h / rep, S = positions[n] + 1;
+      const float* query = qp + n * q_row + h * q_head;
+      const float* kb = head_base(kc, loops[n], j);
+      const float* vb = head_base(vc, loops[n], j);
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < S; ++s) {
+        weights[s] = dot(query, kb + s * hd, hd) * fscale;
+        top = std::max(top, weights[s]);
+      }
+      float total = 0.0f;
+      for (int64_t s = 0; s < S; ++s) {
+        weights[s] = std::exp(weights[s] - top);
+        total += weights[s];
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const int64_t hd8 = hd & ~int64_t(7);
+      for (int64_t s = 0; s < S; ++s) {
+        const __m256 w = _mm256_set1_ps(weights[s]);
+        const float* row = vb + s * hd;
+        for (int64_t d = 0; d < hd8; d += 8)
+          _mm256_storeu_ps(acc.data() + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(row + d), _mm256_loadu_ps(acc.data() + d)));
+        for (int64_t d = hd8; d < hd; ++d) acc[d] += weights[s] * row[d];
+      }
+      float* o = op + n * H * hd + h * hd;
+      for (int64_t d = 0; d < hd; ++d) o[d] = acc[d] / total;
+    }
+  });
+  return out;
+}
+
 at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           at::Tensor keys, at::Tensor values, int64_t layer, at::IntArrayRef loops,
                           at::IntArrayRef positions, double scale) {
@@ -244,46 +295,74 @@ at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
       std::memcpy(head_base(vc, loops[n], j) + positions[n] * hd, vp + n * v.stride(0) + j * v.stride(1),
                   hd * sizeof(float));
     }
-  at::Tensor out = at::empty({N, H * hd}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  float* op = out.data_ptr<float>();
-  const int64_t rep = H / Hkv;
-  const float fscale = static_cast<float>(scale);
-  int64_t longest = 1;
-  for (int64_t n = 0; n < N; ++n) longest = std::max<int64_t>(longest, positions[n] + 1);
-  // Small steps stay on one thread: the split costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, 32768 / (longest * hd));
-  at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> weights(longest);
-    std::vector<float> acc(hd);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / H, h = task % H, j = h / rep, S = positions[n] + 1;
-      const float* query = qp + n * q.stride(0) + h * q.stride(1);
-      const float* kb = head_base(kc, loops[n], j);
-      const float* vb = head_base(vc, loops[n], j);
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < S; ++s) {
-        weights[s] = dot(query, kb + s * hd, hd) * fscale;
-        top = std::max(top, weights[s]);
-      }
-      float total = 0.0f;
-      for (int64_t s = 0; s < S; ++s) {
-        weights[s] = std::exp(weights[s] - top);
-        total += weights[s];
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      const int64_t hd8 = hd & ~int64_t(7);
-      for (int64_t s = 0; s < S; ++s) {
-        const __m256 w = _mm256_set1_ps(weights[s]);
-        const float* row = vb + s * hd;
-        for (int64_t d = 0; d < hd8; d += 8)
-          _mm256_storeu_ps(acc.data() + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(row + d), _mm256_loadu_ps(acc.data() + d)));
-        for (int64_t d = hd8; d < hd; ++d) acc[d] += weights[s] * row[d];
-      }
-      float* o = op + n * H * hd + h * hd;
-      for (int64_t d = 0; d < hd; ++d) o[d] = acc[d] / total;
+  return attend_rows(qp, q.stride(0), q.stride(1), kc, vc, layer, n_loops, Hkv, max_len, N, H, hd, loops,
+                     positions, scale, q.options());
+}
+
+
+// slot_attention_rope: slot_attention on the fused q/k/v projection of the
+// rows, rotary embedding included. qkv [N, (H + 2 Hkv) hd] holds each row's
+// H query heads, Hkv key heads and Hkv value heads; rope [max_len, 2, hd]
+// (float64, or float32 when the model was cast) holds cos and the signed sin
+// of every position (model.py rope_table). Queries and keys are rotated at the rows' positions as
+// model.py's apply_rope does, x * cos + roll(x, hd / 2) * sin with cos and sin
+// rounded to float32, each product and the sum rounded on its own (no FMA:
+// -ffp-contract=off), so a rotated value is bit for bit PyTorch's; the keys
+// go to the cache rotated, then the rows attend as in slot_attention.
+at::Tensor slot_attention_rope(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor keys, at::Tensor values,
+                               int64_t layer, at::IntArrayRef loops, at::IntArrayRef positions, int64_t heads,
+                               double scale) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.device().is_cpu() && qkv.stride(1) == 1,
+              "slot_attention_rope: qkv [N, (H + 2 Hkv) hd] float32 CPU with contiguous rows");
+  TORCH_CHECK(keys.dim() == 5 && values.sizes() == keys.sizes() && keys.is_contiguous() && values.is_contiguous() &&
+                  keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
+              "slot_attention_rope: contiguous float32 caches [K, L, Hkv, S, hd]");
+  const int64_t N = qkv.size(0), Hkv = keys.size(2), hd = keys.size(4), H = heads;
+  const int64_t n_loops = keys.size(1), max_len = keys.size(3);
+  TORCH_CHECK(hd % 2 == 0 && H % Hkv == 0 && qkv.size(1) == (H + 2 * Hkv) * hd,
+              "slot_attention_rope: qkv has ", qkv.size(1), " columns, expected (H + 2 Hkv) hd = ",
+              (H + 2 * Hkv) * hd);
+  TORCH_CHECK(rope.dim() == 3 && rope.size(1) == 2 && rope.size(2) == hd &&
+                  (rope.scalar_type() == at::kDouble || rope.scalar_type() == at::kFloat) && rope.is_contiguous(),
+              "slot_attention_rope: rope table [max_len, 2, hd] float64 or float32");
+  TORCH_CHECK(static_cast<int64_t>(loops.size()) == N && static_cast<int64_t>(positions.size()) == N,
+              "slot_attention_rope: one loop and one position per row");
+  TORCH_CHECK(layer >= 0 && layer < keys.size(0), "slot_attention_rope: layer out of range");
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(loops[n] >= 0 && loops[n] < n_loops && positions[n] >= 0 && positions[n] < max_len &&
+                    positions[n] < rope.size(0), "slot_attention_rope: loop or position outside the cache");
+  float* kc = keys.data_ptr<float>();
+  float* vc = values.data_ptr<float>();
+  const float* xp = qkv.data_ptr<float>();
+  const bool wide = rope.scalar_type() == at::kDouble;
+  const double* table = wide ? rope.data_ptr<double>() : nullptr;
+  const float* table32 = wide ? nullptr : rope.data_ptr<float>();
+  const int64_t row_stride = qkv.stride(0), half = hd / 2;
+  std::vector<float> queries(N * H * hd), c(hd), sn(hd);
+  auto rotate = [&](const float* x, float* out) {
+    for (int64_t d = 0; d < hd; ++d) {
+      const float a = x[d] * c[d];
+      const float b = x[(d + half) % hd] * sn[d];
+      out[d] = a + b;
     }
-  });
-  return out;
+  };
+  for (int64_t n = 0; n < N; ++n) {
+    // The angles rounded to float32 as rope[pos].to(float32) rounds them.
+    for (int64_t d = 0; d < hd; ++d) {
+      c[d] = wide ? static_cast<float>(table[positions[n] * 2 * hd + d]) : table32[positions[n] * 2 * hd + d];
+      sn[d] = wide ? static_cast<float>(table[positions[n] * 2 * hd + hd + d])
+                   : table32[positions[n] * 2 * hd + hd + d];
+    }
+    const float* row = xp + n * row_stride;
+    for (int64_t h = 0; h < H; ++h) rotate(row + h * hd, queries.data() + (n * H + h) * hd);
+    for (int64_t j = 0; j < Hkv; ++j) {
+      const int64_t base = (((layer * n_loops + loops[n]) * Hkv + j) * max_len + positions[n]) * hd;
+      rotate(row + (H + j) * hd, kc + base);
+      std::memcpy(vc + base, row + (H + Hkv + j) * hd, hd * sizeof(float));
+    }
+  }
+  return attend_rows(queries.data(), H * hd, hd, kc, vc, layer, n_loops, Hkv, max_len, N, H, hd, loops, positions,
+                     scale, qkv.options());
 }
 
 }  // namespace
@@ -293,4 +372,6 @@ TORCH_LIBRARY(speedec_kernels, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
   m.def("slot_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, int layer, "
         "int[] loops, int[] positions, float scale) -> Tensor", &slot_attention);
+  m.def("slot_attention_rope(Tensor qkv, Tensor rope, Tensor(a!) keys, Tensor(b!) values, int layer, "
+        "int[] loops, int[] positions, int heads, float scale) -> Tensor", &slot_attention_rope);
 }
