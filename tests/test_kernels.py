@@ -313,8 +313,7 @@ def test_fused_attention_rejects_bad_operands():
 def test_decoding_steps_use_the_fused_attention_and_the_switch_turns_it_off(monkeypatch):
     """float32 decoding steps go through slot_attention (one call per layer, no
     softmax op); SPEEDEC_FUSED=0 gives the PyTorch path, same tokens."""
-    from tests.helpers import CountWeightReads, random_model, small_config
-
+    from helpers import CountWeightReads, random_model, small_config
     from speedec import generate
 
     model = random_model(small_config(n_loops=4, exit_loop=1), dtype=torch.float32)

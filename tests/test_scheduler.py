@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 import torch
-from tests.helpers import random_model, small_config
 
+from helpers import random_model, small_config
 from speedec import generate, kernels
 from speedec.engines import get_engine
 from speedec.engines.base import GenerationStats, Output, prefill

@@ -551,9 +551,9 @@ class Scheduler:
 
 def best_rows(step_costs: Sequence[float]) -> int:
     """The default row budget: the row count at which a step serves rows fastest,
-    ``argmax_R R / t(R)`` (the largest on ties). Beyond it a row costs more than
-    the average row: on the development machine a step with 14-16 rows costs
-    2.6x one with 13 on the default model (docs/serving.md)."""
+    ``argmax_R R / t(R)`` (the largest on ties): beyond it a row costs more
+    than the average row, and serving more rows per step would lower the
+    throughput the step-cost curve allows."""
     return max(range(1, len(step_costs) + 1), key=lambda r: (r / step_costs[r - 1], r))
 
 
