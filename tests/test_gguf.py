@@ -277,3 +277,33 @@ def test_llamacpp_rows_are_specs_when_importable(monkeypatch):
     hf = bytes_per_token(EngineSpec("hf-generate", "hf", "generate"), model, None, 1, 10)
     assert bytes_per_token(specs[0], model, None, 1, 10) == hf
     assert bytes_per_token(specs[1], model, None, 1, 10) is None
+
+
+def test_llamacpp_logits_on_the_export_match_ours(tmp_path):
+    """Where llama.cpp is installed: its logits on a prompt, over our f32 GGUF export,
+    equal our model's within 1e-3, and its greedy continuation is ours."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from speedec import generate
+    from speedec.bench.llamacpp import GGML_TYPE_F32
+    from speedec.gguf_export import export_gguf
+
+    config = small_config(vocab_size=96, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=96, n_unique_layers=2,
+                          n_loops=3, exit_loop=1, max_seq_len=64)
+    model = random_model(config, seed=4, std=0.3, residual_scale=1.0, dtype=torch.float32)
+    path = export_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    # With llama.cpp's default f16 KV cache the logits differ by ~1e-2; the f32 cache is the same computation.
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                          type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+    prompt = [5, 17, 3, 88, 41, 2, 9]
+    llm.eval(prompt)
+    theirs = torch.tensor(np.asarray(llm.scores[: len(prompt)]), dtype=torch.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-3)
+    llm.reset()
+    continuation = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        continuation.append(int(token))
+        if len(continuation) == 12:
+            break
+    assert continuation == generate(model, prompt, 12, engine="autoregressive").tokens

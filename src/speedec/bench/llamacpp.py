@@ -27,6 +27,10 @@ def llamacpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+# ggml's type ids (ggml.h: GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1).
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+
+
 class LlamaCppPeer:
     """One GGUF export of the model loaded in llama.cpp; :meth:`run` decodes greedily."""
 
@@ -38,8 +42,12 @@ class LlamaCppPeer:
         self.dtype = dtype
         self.path = export_gguf(model, Path(directory) / f"model-{dtype}.gguf", dtype=dtype)
         threads = threads or torch.get_num_threads()
+        # The KV cache in the weights' precision: llama.cpp's default f16 cache would make the
+        # f32 row a different computation than ours (its logits then differ by ~1e-2, not ~1e-5).
+        cache_type = {"f32": GGML_TYPE_F32}.get(dtype, GGML_TYPE_F16)
         self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=model.config.max_seq_len, n_threads=threads,
-                                   n_threads_batch=threads, n_batch=model.config.max_seq_len, verbose=False)
+                                   n_threads_batch=threads, n_batch=model.config.max_seq_len, verbose=False,
+                                   type_k=cache_type, type_v=cache_type)
 
     def run(self, prompt: list[int], n: int) -> tuple[list[int], float, None]:
         """Greedy tokens after ``prompt`` (exactly ``n``: end-of-text does not stop it), seconds."""
