@@ -274,6 +274,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._queue: deque[RequestHandle] = deque()
         self._active: list[_Active] = []
+        self._admitting = 0
         self._accepting = True
         self._running = False
         self._thread: threading.Thread | None = None
@@ -330,7 +331,7 @@ class Scheduler:
             if not self._accepting or not self._running:
                 raise ShuttingDown("the server is shutting down" if self._running or self._thread
                                    else "the scheduler is not started")
-            if len(self._queue) >= self.max_queue and len(self._active) >= self.max_rows:
+            if len(self._queue) >= self.max_queue and len(self._active) + self._admitting >= self.max_rows:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             handle = RequestHandle(request, loop, self._notify)
             self._queue.append(handle)
@@ -344,7 +345,7 @@ class Scheduler:
         end = time.monotonic() + deadline_s
         with self._lock:
             self._accepting = False
-            finished = self._lock.wait_for(lambda: not self._queue and not self._active,
+            finished = self._lock.wait_for(lambda: not self._queue and not self._active and not self._admitting,
                                            max(0.0, end - time.monotonic()))
             if not finished:
                 for handle in [*self._queue, *(a.handle for a in self._active)]:
@@ -365,7 +366,7 @@ class Scheduler:
         with self._lock:
             out = dict(self._counters)
             out["requests_active"] = float(len(self._active))
-            out["queue_depth"] = float(len(self._queue))
+            out["queue_depth"] = float(len(self._queue) + self._admitting)
             out["max_rows"] = float(self.max_rows or 0)
             for a in self._active:  # live requests count too
                 out["drafts_launched"] += a.stats.drafts_launched
@@ -392,8 +393,11 @@ class Scheduler:
                     rows = sum(a.rows for a in self._active)
                     while self._queue and rows + len(admit) < self.max_rows:
                         admit.append(self._queue.popleft())
+                    self._admitting = len(admit)  # neither queued nor active while they prefill
                 for handle in admit:
                     self._admit(handle)
+                    with self._lock:
+                        self._admitting -= 1
                 if self._active:
                     self._step()
                 with self._lock:
