@@ -66,7 +66,8 @@ def _display_url(host: str, sock: socket.socket) -> str:
               help="speed: requests pipeline their tokens through the loops; autoregressive: one row "
                    "per request per step.")
 @click.option("--max-rows", type=AT_LEAST_ONE, default=None,
-              help="Rows per step across all requests (default: the batch-invariant kernel's limit).")
+              help="Rows per step across all requests, at most 16 (the batch-invariant kernel's limit; "
+                   "default: where the step cost per row, measured at start, is lowest).")
 @click.option("--max-queue", type=IntRange(min=0), default=64, show_default=True,
               help="Requests waiting for rows beyond which new ones get HTTP 429.")
 @model_dtype_option
