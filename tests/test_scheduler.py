@@ -324,3 +324,28 @@ def test_guesses_stop_where_rows_are_dear():
     cheap_results, cheap = _serve(model, requests, concurrency=1, step_costs=FLAT)
     assert cheap["drafts_launched"] > 3 * metrics["drafts_launched"]
     assert results == cheap_results
+
+
+def test_a_step_that_fails_outside_any_request_fails_those_in_flight_and_the_scheduler_goes_on(monkeypatch):
+    model = _model()
+    scheduler = Scheduler(model, step_costs=FLAT)
+    calls = {"n": 0}
+    real = scheduler._run_plans
+
+    def broken_once(plans):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("bug in the step")
+        return real(plans)
+
+    monkeypatch.setattr(scheduler, "_run_plans", broken_once)
+    scheduler.start()
+    victims = [scheduler.submit(ServeRequest(p, 30)) for p in _prompts(2, 64)]
+    for handle in victims:
+        with pytest.raises(RuntimeError, match="bug in the step"):
+            handle.result(30)
+        assert handle.finish_reason == "error"
+    after = scheduler.submit(ServeRequest([1, 2], 10))
+    assert after.result(30) == generate(model, [1, 2], 10, engine="autoregressive").tokens
+    assert scheduler.metrics()["requests_failed"] == 2
+    assert scheduler.shutdown(5)

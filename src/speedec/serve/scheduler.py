@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import threading
 import time
@@ -60,6 +61,7 @@ from ..sampling import Sampler, SamplingParams
 from .keyed import KeyedSampling
 
 ENGINES = ("speed", "autoregressive")
+logger = logging.getLogger(__name__)
 
 
 class QueueFull(SpeedecError, RuntimeError):
@@ -399,7 +401,14 @@ class Scheduler:
                     with self._lock:
                         self._admitting -= 1
                 if self._active:
-                    self._step()
+                    try:
+                        self._step()
+                    except Exception as exc:  # a bug outside any one request: fail those in flight, go on
+                        logger.exception("scheduler step failed; failing the requests in flight")
+                        with self._lock:
+                            for a in list(self._active):
+                                self._active.remove(a)
+                                self._retire(a, "error", exc)
                 with self._lock:
                     self._lock.notify_all()  # shutdown() waits on the active set
 
@@ -479,9 +488,10 @@ class Scheduler:
                 plans.append(a.pipeline.plan())
             except Exception as exc:
                 failed.append((a, exc))
-        for a, exc in failed:
-            active.remove(a)
-            self._retire(a, "error", exc)
+        with self._lock:
+            for a, exc in failed:
+                active.remove(a)
+                self._retire(a, "error", exc)
         if not active:
             return
         outputs = self._run_plans(plans)
@@ -534,7 +544,10 @@ class Scheduler:
             return results
 
     def _retire(self, a: _Active, reason: str, error: BaseException | None = None) -> None:
-        a.pipeline.finish()
+        try:
+            a.pipeline.finish()
+        except Exception:  # a broken pipeline's counters are lost; the request still ends
+            logger.exception("closing request %s", a.handle.id)
         c = self._counters
         c["drafts_launched"] += a.stats.drafts_launched
         c["drafts_accepted"] += a.stats.drafts_accepted
