@@ -349,3 +349,24 @@ def test_a_step_that_fails_outside_any_request_fails_those_in_flight_and_the_sch
     assert after.result(30) == generate(model, [1, 2], 10, engine="autoregressive").tokens
     assert scheduler.metrics()["requests_failed"] == 2
     assert scheduler.shutdown(5)
+
+
+def test_a_full_server_reads_no_exit_and_launches_no_guess(monkeypatch):
+    """When every row of a step is a request's own (here: a 1-row budget), the speed
+    server plans no exit read at all: it runs what the autoregressive server runs."""
+    from speedec.engines import pipeline as pipeline_module
+
+    model = _model()
+    exits = []
+    real_plan = pipeline_module.Pipeline.plan
+
+    def plan(self):
+        step = real_plan(self)
+        exits.append(len(step.exit_rows))
+        return step
+
+    monkeypatch.setattr(pipeline_module.Pipeline, "plan", plan)
+    results, metrics = _serve(model, [ServeRequest(p, 20) for p in _prompts(3, 64)], concurrency=3,
+                              max_rows=1, step_costs=FLAT)
+    assert sum(exits) == 0 and metrics["drafts_launched"] == 0 and len(exits) > 0
+    assert results == [generate(model, p, 20, engine="autoregressive").tokens for p in _prompts(3, 64)]

@@ -482,6 +482,15 @@ class Scheduler:
     def _step(self) -> None:
         active = self._active
         begin = time.perf_counter()
+        if self.engine == "speed":
+            # No row can be granted next step (every row is a request's own, or a request
+            # waits for one): no request reads its exit this step, so a full server does
+            # exactly what the autoregressive one does, without the exit rows' head reads.
+            with self._lock:
+                waiting = bool(self._queue)
+            full = waiting or sum(a.rows for a in active) >= self.max_rows
+            for a in active:
+                a.pipeline.speculate = not full
         plans, failed = [], []
         for a in active:
             try:
