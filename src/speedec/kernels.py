@@ -187,14 +187,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None) -> 
     rows = x.numel() // x.shape[-1]
     if rows > FEW_ROWS or torch.is_grad_enabled():
         return F.linear(x, weight)
-    if weight.device.type == "cpu" and _kernel_operands(x.dtype, weight.dtype):
+    kernel_operands = weight.device.type == "cpu" and _kernel_operands(x.dtype, weight.dtype)
+    if kernel_operands:
         kernel = _OVERRIDE.get() or kernel or _DEFAULT or _resolve()
         if kernel == "avx2":  # takes x [..., in] as it is: no reshapes on this path
             return torch.ops.speedec_kernels.few_rows_linear(x, weight)
     # Row-major rows in, row-major rows out: a column-major output pushes the
     # attention that follows off its fast kernel.
     x2 = x.reshape(rows, x.shape[-1]).contiguous()
-    if weight.device.type == "cpu" and _kernel_operands(x2.dtype, weight.dtype):
+    if kernel_operands:
         if x2.dtype != weight.dtype:  # float32 rows, bf16 weights: the fallbacks compute in bf16
             return linear(x.to(weight.dtype), weight, "matmul" if kernel == "onednn" else kernel).to(x.dtype)
         if kernel == "torch":

@@ -22,6 +22,7 @@ outputs, and drops a request between two steps without ceremony.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..cache import KVCache
-from ..model import SpareRows
+from ..model import SpareRows, StepLayout
 from ..sampling import Sampler
 from .base import GenerationStats, Output
 from .protocol import DecodingModel
@@ -131,18 +132,54 @@ class StepPlan:
         return bool(self.head_rows or self.exit_rows)
 
 
-def run_step(model: DecodingModel, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Execute ``plan``: one pass for all its rows, then one LM-head matmul for the
-    rows it reads. Returns the hidden states ``[G + S, 1, D]`` and the logits
-    ``[len(head_rows) + len(exit_rows), V]`` (None when it reads none)."""
+def _segment(model: DecodingModel, plan: StepPlan) -> tuple[StepLayout, KVCache, SpareRows | None]:
+    """What ``model`` needs to run ``plan``'s rows: their layout, the cache, the spares."""
     layout = model.layout([[p] for p in plan.positions], plan.loops)
     spares = None
     if plan.spare_positions:
         spares = model.spare_rows(plan.spare_positions, plan.spare_loops, plan.spare_index, plan.side)
-    hidden = model.run_loops(plan.rows, layout, plan.cache, 1, spares=spares)
+    return layout, plan.cache, spares
+
+
+def run_step(model: DecodingModel, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Execute ``plan``: one pass for all its rows, then one LM-head matmul for the
+    rows it reads. Returns the hidden states ``[G + S, 1, D]`` and the logits
+    ``[len(head_rows) + len(exit_rows), V]`` (None when it reads none)."""
+    layout, cache, spares = _segment(model, plan)
+    hidden = model.run_loops(plan.rows, layout, cache, 1, spares=spares)
     if not plan.reads_logits:
         return hidden, None
     return hidden, model.head_and_exit(_take(hidden, plan.head_rows), _take(hidden, plan.exit_rows))
+
+
+def run_steps(model, plans: list[StepPlan]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Execute several requests' plans as one step (the server's): one pass over the
+    unique layers for all their rows (:meth:`~speedec.model.LoopedLM.run_segments`,
+    a decoder-only model's), then one LM-head matmul for every row any of them
+    reads. Returns each plan's ``(hidden [G + S, 1, D], logits [its head rows +
+    its exit rows, V] or None)``, exactly what :func:`run_step` returns for it alone."""
+    if len(plans) == 1:
+        return [run_step(model, plans[0])]
+    x = torch.cat([plan.rows for plan in plans])
+    out = model.run_segments(x, [_segment(model, plan) for plan in plans])  # [N, 1, D]
+    hidden = out.split([plan.rows.shape[0] for plan in plans])
+    starts = list(itertools.accumulate((plan.rows.shape[0] for plan in plans), initial=0))
+    head_rows = [starts[i] + r for i, plan in enumerate(plans) for r in plan.head_rows]
+    exit_rows = [starts[i] + r for i, plan in enumerate(plans) for r in plan.exit_rows]
+    logits = None
+    if head_rows or exit_rows:
+        logits = model.head_and_exit(_take(out, head_rows), _take(out, exit_rows))
+    results, h, x_ = [], 0, len(head_rows)
+    for plan, rows in zip(plans, hidden):
+        n, m = len(plan.head_rows), len(plan.exit_rows)
+        if n + m == 0:
+            results.append((rows, None))
+            continue
+        part = torch.cat((logits[h: h + n], logits[x_: x_ + m])) if n and m else (
+            logits[h: h + n] if n else logits[x_: x_ + m])
+        results.append((rows, part))
+        h, x_ = h + n, x_ + m
+    return results
 
 
 def _take(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:

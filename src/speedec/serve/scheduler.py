@@ -39,7 +39,6 @@ bit for bit and where it is bounded.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import threading
@@ -53,7 +52,7 @@ import torch
 
 from ..cache import KVCache
 from ..engines.base import GenerationStats, Output, check_token_id, prefill, token_ids
-from ..engines.pipeline import Pipeline, StepPlan, run_step
+from ..engines.pipeline import Pipeline, StepPlan, run_step, run_steps
 from ..engines.speed import step_costs_for
 from ..errors import ConfigError, GenerationError, SpeedecError
 from ..kernels import FEW_ROWS
@@ -581,40 +580,3 @@ def best_rows(step_costs: Sequence[float]) -> int:
     than the average row, and serving more rows per step would lower the
     throughput the step-cost curve allows."""
     return max(range(1, len(step_costs) + 1), key=lambda r: (r / step_costs[r - 1], r))
-
-
-def run_steps(model, plans: list[StepPlan]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Execute several requests' plans as one step: one pass over the unique layers
-    for all their rows (:meth:`~speedec.model.LoopedLM.run_segments`), then one
-    LM-head matmul for every row any of them reads. Returns each plan's
-    ``(hidden [G + S, 1, D], logits [its head rows + its exit rows, V] or None)``,
-    exactly what :func:`~speedec.engines.pipeline.run_step` returns for it alone."""
-    if len(plans) == 1:
-        return [run_step(model, plans[0])]
-    segments = []
-    for plan in plans:
-        layout = model.layout([[p] for p in plan.positions], plan.loops)
-        spares = (model.spare_rows(plan.spare_positions, plan.spare_loops, plan.spare_index, plan.side)
-                  if plan.spare_positions else None)
-        segments.append((layout, plan.cache, spares))
-    x = torch.cat([plan.rows for plan in plans])
-    out = model.run_segments(x, segments)  # [N, 1, D]
-    hidden = out.split([plan.rows.shape[0] for plan in plans])
-    starts = list(itertools.accumulate((plan.rows.shape[0] for plan in plans), initial=0))
-    head_rows = [starts[i] + r for i, plan in enumerate(plans) for r in plan.head_rows]
-    exit_rows = [starts[i] + r for i, plan in enumerate(plans) for r in plan.exit_rows]
-    flat = out[:, 0]  # [N, D]
-    logits = None
-    if head_rows or exit_rows:
-        logits = model.head_and_exit(flat[head_rows], flat[exit_rows])
-    results, h, x_ = [], 0, len(head_rows)
-    for plan, rows in zip(plans, hidden):
-        n, m = len(plan.head_rows), len(plan.exit_rows)
-        if n + m == 0:
-            results.append((rows, None))
-            continue
-        part = torch.cat((logits[h: h + n], logits[x_: x_ + m])) if n and m else (
-            logits[h: h + n] if n else logits[x_: x_ + m])
-        results.append((rows, part))
-        h, x_ = h + n, x_ + m
-    return results
