@@ -68,8 +68,8 @@ from soak import (  # noqa: E402 - the shared helpers live next to this script
     ServerProcess,
     exit_on_sigterm,
     free_port,
+    load_model,
     log,
-    prepare_model,
     server_metrics,
     speedec_serve_command,
     write_json,
@@ -474,18 +474,11 @@ def run(args) -> dict:
     import torch
 
     from speedec.kernels import FEW_ROWS, active_kernel
-    from speedec.model import LoopedLM
     from speedec.serve.loadtest import DEFAULT_PROMPTS
-    from speedec.tokenizer import load_tokenizer
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads is not None else {}
-    log(f"model {args.preset} in {args.work_dir / args.preset}")
-    model_dir = prepare_model(args.preset, args.work_dir / args.preset)
-    model = LoopedLM.from_pretrained(model_dir)
+    model_dir, model, tokenizer = load_model(args)
     config = model.config
-    tokenizer = load_tokenizer(model_dir, config.vocab_size)
     eos = tokenizer.eos_token_id
     prompts = list(DEFAULT_PROMPTS)
     prompt_ids = [tokenizer.encode(p) for p in prompts]

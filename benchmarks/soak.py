@@ -52,17 +52,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from speedec.serve.loadtest import DEFAULT_PROMPTS
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = "speedec-soak/1"
+# The load generator's default prompts and a few more (more distinct requests).
 PROMPTS = (
-    "Once upon a time",
-    "The weather today is",
-    "In the middle of the night, the old house",
-    "She opened the letter and read",
-    "The best way to learn a new language is",
-    "At the edge of the forest there was",
-    "He looked at the map and said",
-    "The train was late again, so",
+    *DEFAULT_PROMPTS,
     "My grandmother used to say that",
     "The first rule of the club is",
     "When the music stopped, everyone",
@@ -585,10 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(args, interval: float) -> dict:
+def load_model(args):
+    """The preset's model directory (written on first use), the model and its tokenizer,
+    with ``args.threads`` PyTorch threads (what both benchmark scripts start from)."""
     import torch
 
-    from speedec import generate
     from speedec.model import LoopedLM
     from speedec.tokenizer import load_tokenizer
 
@@ -597,8 +594,16 @@ def run(args, interval: float) -> dict:
     log(f"model {args.preset} in {args.work_dir / args.preset}")
     model_dir = prepare_model(args.preset, args.work_dir / args.preset)
     model = LoopedLM.from_pretrained(model_dir)
+    return model_dir, model, load_tokenizer(model_dir, model.config.vocab_size)
+
+
+def run(args, interval: float) -> dict:
+    import torch
+
+    from speedec import generate
+
+    model_dir, model, tokenizer = load_model(args)
     config = model.config
-    tokenizer = load_tokenizer(model_dir, config.vocab_size)
     eos = tokenizer.eos_token_id
     stop_ids = set() if eos is None else {eos}
     prompts = {p: tokenizer.encode(p) for p in PROMPTS}

@@ -1,6 +1,11 @@
-"""Model builders shared by the tests."""
+"""Model builders and a loopback server shared by the tests."""
 
 from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -145,3 +150,27 @@ def train_killed_after_step_3(monkeypatch, trainer_module, train_fn, config) -> 
     with pytest.raises(KeyboardInterrupt):
         train_fn(config, progress=False)
     monkeypatch.undo()
+
+
+@contextlib.contextmanager
+def serve_on_loopback(app, scheduler):
+    """The ASGI ``app`` in a uvicorn thread on a free loopback port; yields its base URL,
+    then stops the server and ``scheduler.shutdown`` (the scheduler is started by the caller)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        scheduler.shutdown(5.0)
+        sock.close()

@@ -4,12 +4,12 @@ against a uvicorn server (in a thread) over the real scheduler."""
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import pytest
 from click.testing import CliRunner
 
+from helpers import serve_on_loopback
 from speedec.serve.loadtest import (
     LoadtestError,
     RequestRecord,
@@ -105,8 +105,6 @@ def test_loadtest_unreachable_server_is_one_line():
 
 @pytest.fixture(scope="module")
 def server_url():
-    import uvicorn
-
     from speedec.config import preset
     from speedec.model import LoopedLM
     from speedec.serve.app import create_app
@@ -117,22 +115,8 @@ def server_url():
     scheduler = Scheduler(model, engine="speed", max_rows=8, model_name="tiny", step_costs=[1.0] * 8)
     scheduler.start()
     app = create_app(scheduler, ByteTokenizer(), model_name="tiny", vocab_size=model.config.vocab_size)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        scheduler.shutdown(5.0)
-        sock.close()
+    with serve_on_loopback(app, scheduler) as url:
+        yield url
 
 
 def test_loadtest_real_run_writes_json_and_png(server_url, tmp_path):

@@ -11,7 +11,6 @@ raises for our 400, 404 and 429 answers.
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import serve_on_loopback
 
 openai = pytest.importorskip("openai")
 
@@ -32,30 +33,14 @@ PROMPTS = ["Hello there", "2+2 is", "The cat sat on", "abc 123", "Once upon", "W
 def running_server(scheduler, tokenizer):
     """``scheduler`` (started here) behind the real app, on a free loopback port, in a
     uvicorn thread; yields the base URL and stops both on exit."""
-    import uvicorn
-
     from speedec.serve.app import chat_renderer, create_app
 
     scheduler.start()
     app = create_app(scheduler, tokenizer, model_name=MODEL_NAME, chat_template=chat_renderer(OURO),
                      vocab_size=scheduler.model.config.vocab_size,
                      context_length=scheduler.model.config.max_seq_len)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        scheduler.shutdown(5.0)
-        sock.close()
+    with serve_on_loopback(app, scheduler) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
