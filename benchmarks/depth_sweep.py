@@ -273,6 +273,13 @@ def report(summary_file: Path, extra_metrics: list[Path], out_json: Path, out_pl
     for label, keep in series.items():
         points = sorted((r["tokens"], r["val_ppl"]) for r in runs.values() if keep(r) and r["finished"])
         ax.plot([t / 1e6 for t, _ in points], [p for _, p in points], marker="o", label=label)
+    # Second seeds of the trend's recipes (recipe "<recipe>-seed<N>"): unconnected, to show the spread.
+    for L, recipe, colour in ((1, "l1-lr2e-3", "C0"), (4, "drafter-warmup300", "C2")):
+        points = [(r["tokens"], r["val_ppl"]) for r in runs.values()
+                  if r["n_loops"] == L and r["recipe"].startswith(recipe + "-seed") and r["finished"]]
+        if points:
+            ax.plot([t / 1e6 for t, _ in points], [p for _, p in points], linestyle="none", marker="x",
+                    color=colour, label=f"L={L}, another seed")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (millions)")

@@ -168,11 +168,16 @@ def plot_pareto(report: StudyReport, path: str | Path, *, quality_key: str, qual
     points = [(r.latency_vs_base, r.quality[quality_key]) for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     markers = dict(zip(dict.fromkeys(r.engine for r in rows), "os^Dv<>p"))
-    for k, (engine, marker) in enumerate(markers.items()):
-        mine = [(x, y, r) for (x, y), r in zip(points, rows) if r.engine == engine]
-        ax.scatter([x for x, _, _ in mine], [y for _, y, _ in mine], marker=marker, s=40, label=engine, zorder=3)
-        for x, y, r in mine:  # engines' labels alternate above and below their points
-            ax.annotate(r.model, (x, y), textcoords="offset points", xytext=(5, 5 if k % 2 else -11), fontsize=7)
+    for engine, marker in markers.items():
+        mine = [(x, y) for (x, y), r in zip(points, rows) if r.engine == engine]
+        ax.scatter([x for x, _ in mine], [y for _, y in mine], marker=marker, s=40, label=engine, zorder=3)
+    # One label per model (its engines share its quality), below its fastest point.
+    fastest: dict[str, tuple[float, float]] = {}
+    for (x, y), r in zip(points, rows):
+        if r.model not in fastest or x < fastest[r.model][0]:
+            fastest[r.model] = (x, y)
+    for model, (x, y) in fastest.items():
+        ax.annotate(model, (x, y), textcoords="offset points", xytext=(-4, -13), fontsize=7)
     front = pareto_front(points)
     ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="grey",
             linestyle="--", linewidth=1, label="Pareto frontier", zorder=2)
