@@ -52,7 +52,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from speedec.serve.loadtest import DEFAULT_PROMPTS
+from speedec.serve.loadtest import DEFAULT_PROMPTS, sse_events
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = "speedec-soak/1"
@@ -376,13 +376,7 @@ class Soak:
             if response.status_code != 200:
                 self.tally.unexpected_status(f"HTTP {response.status_code}", (await response.aread()).decode())
                 return
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                payload = line[len("data: "):]
-                if payload == "[DONE]":
-                    break
-                event = json.loads(payload)
+            async for event in sse_events(response):
                 if "error" in event:
                     self.tally.unexpected_status("stream error event", str(event["error"].get("message")))
                     return

@@ -177,13 +177,7 @@ async def _one_request(client, url: str, body: dict, stream: bool) -> RequestRec
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {_error_message((await response.aread()).decode())}"
                 return record
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                payload = line[len("data: "):]
-                if payload == "[DONE]":
-                    break
-                event = json.loads(payload)
+            async for event in sse_events(response):
                 if "error" in event:
                     record.error = f"stream error: {event['error'].get('message')}"
                     return record
@@ -208,6 +202,17 @@ async def _one_request(client, url: str, body: dict, stream: bool) -> RequestRec
     except Exception as exc:  # noqa: BLE001 - a failed request is a data point, not a crash
         record.error = f"{type(exc).__name__}: {exc}"
     return record
+
+
+async def sse_events(response):
+    """The JSON events of an OpenAI-style server-sent-event stream, up to ``data: [DONE]``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        payload = line[len("data: "):]
+        if payload == "[DONE]":
+            return
+        yield json.loads(payload)
 
 
 def _error_message(text: str) -> str:
