@@ -152,6 +152,19 @@ def train_killed_after_step_3(monkeypatch, trainer_module, train_fn, config) -> 
     monkeypatch.undo()
 
 
+def wait_until(predicate, what: str, timeout_s: float = 60.0, poll_s: float = 0.01):
+    """Wait for ``predicate()`` to hold; fail naming ``what`` after ``timeout_s``.
+
+    For conditions that another thread (a server, a scheduler) makes true *eventually*
+    and whose timing the test cannot fix: the limit is a hang detector, not a speed
+    check, so it is far beyond what a loaded 2-core machine needs."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(poll_s)
+
+
 @contextlib.contextmanager
 def serve_on_loopback(app, scheduler):
     """The ASGI ``app`` in a uvicorn thread on a free loopback port; yields its base URL,
@@ -163,9 +176,7 @@ def serve_on_loopback(app, scheduler):
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: server.started or not thread.is_alive(), "uvicorn to start")
     try:
         assert server.started, "uvicorn did not start"
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"

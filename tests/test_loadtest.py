@@ -4,12 +4,11 @@ against a uvicorn server (in a thread) over the real scheduler."""
 import asyncio
 import json
 import socket
-import time
 
 import pytest
 from click.testing import CliRunner
 
-from helpers import serve_on_loopback
+from helpers import serve_on_loopback, wait_until
 from speedec.serve.loadtest import (
     LoadtestError,
     RequestRecord,
@@ -152,17 +151,21 @@ def test_loadtest_real_run_writes_json_and_png(server_url, tmp_path):
 def test_level_stops_at_its_time_limit(server_url):
     result = asyncio.run(run_level(server_url, 2, 50, prompts=["Hi"], max_tokens=400, model=None,
                                    time_limit_s=0.3))
-    assert result.duration_s < 5
+    assert result.duration_s < 20  # the 0.3 s limit, plus cancelling on a loaded machine
     assert result.completed + result.timed_out + result.errors == result.requests <= 50
     assert result.timed_out >= 1 and result.errors == 0
     # the abandoned requests' connections closed: the server cancelled them and freed their rows
     import httpx
 
-    for _ in range(200):
-        metrics = httpx.get(server_url + "/metrics", trust_env=False).text
-        if "\nspeedec_requests_active 0\n" in metrics and "\nspeedec_queue_depth 0\n" in metrics:
-            break
-        time.sleep(0.02)
+    def metrics_text():
+        return httpx.get(server_url + "/metrics", trust_env=False).text
+
+    def idle():
+        text = metrics_text()
+        return "\nspeedec_requests_active 0\n" in text and "\nspeedec_queue_depth 0\n" in text
+
+    wait_until(idle, "the server to cancel the abandoned requests", poll_s=0.02)
+    metrics = metrics_text()
     assert "\nspeedec_requests_active 0\n" in metrics
     cancelled = float(metrics.split("\nspeedec_requests_cancelled_total ")[1].split()[0])
     assert cancelled >= result.timed_out

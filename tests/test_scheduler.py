@@ -195,53 +195,96 @@ def test_stop_tokens_and_metrics():
     assert scheduler.shutdown(5)
 
 
+class GatedScheduler(Scheduler):
+    """A scheduler whose steps can be held: while ``hold(handles)`` is true for the
+    active requests' handles, the scheduler thread waits before running a step (it
+    is woken by a cancellation or a shutdown, which notify the scheduler's lock).
+    Tests use it to keep a request in flight for as long as they need, not as long
+    as a race between threads happens to allow."""
+
+    def __init__(self, model, hold, **options):
+        super().__init__(model, **options)
+        self.hold = hold
+        self.held = threading.Event()  # set once a step has been held
+
+    def _step(self) -> None:
+        with self._lock:
+            handles = [a.handle for a in self._active]
+            if self.hold(handles):
+                self.held.set()
+                assert self._lock.wait_for(lambda: not self.hold(handles), 60), "the step was never released"
+        super()._step()
+
+
+def _doom(scheduler, request, on_advance):
+    """Make ``request``'s pipeline raise RuntimeError("boom") on its ``on_advance``-th
+    advance (1 = its first step). Chosen before the request is submitted, so the
+    failure fires at that step whatever the threads' timing."""
+    from speedec.engines import pipeline as pipeline_module
+
+    doomed: dict[int, int] = {}  # id(pipeline) -> advances so far
+    real_admit, real_advance = scheduler._admit, pipeline_module.Pipeline.advance
+
+    def admit(handle):
+        real_admit(handle)
+        if handle.request is request:  # in the scheduler thread: _active is its own
+            doomed.update({id(a.pipeline): 0 for a in scheduler._active if a.handle is handle})
+
+    def advance(self, hidden, logits):
+        if id(self) in doomed:
+            doomed[id(self)] += 1
+            if doomed[id(self)] == on_advance:
+                raise RuntimeError("boom")
+        return real_advance(self, hidden, logits)
+
+    scheduler._admit = admit
+    return advance
+
+
 def test_cancel_frees_the_request_and_others_are_unaffected():
     model = _model()
-    scheduler = Scheduler(model, step_costs=FLAT)
+    long_request = ServeRequest([1, 2], 150)
+    # Steps are held while the long request is in flight and not cancelled: it
+    # cannot finish before the cancellation arrives.
+    scheduler = GatedScheduler(model, lambda handles: any(
+        h.request is long_request and not h.cancelled for h in handles), step_costs=FLAT)
     scheduler.start()
-    long = scheduler.submit(ServeRequest([1, 2], 150))
+    long = scheduler.submit(long_request)
     other = scheduler.submit(ServeRequest([4, 5, 6], 40))
-    while not long.tokens:
-        time.sleep(0.001)
+    assert scheduler.held.wait(60)
+    assert not long.done
     long.cancel()
-    with pytest.raises(TimeoutError):
-        long.result(0) if not long.done else (_ for _ in ()).throw(TimeoutError)
     assert other.result(30) == generate(model, [4, 5, 6], 40, engine="autoregressive").tokens
-    long.result(30)
-    assert long.finish_reason == "cancelled" and len(long.tokens) < 150
+    assert long.result(30) == long.tokens
+    assert long.finish_reason == "cancelled" and 1 <= len(long.tokens) < 150
     assert scheduler.metrics()["requests_cancelled"] == 1 and scheduler.metrics()["requests_active"] == 0
     assert scheduler.shutdown(5)
 
 
-def test_a_failing_request_fails_alone(monkeypatch):
-    """An exception inside one request's pipeline ends that request with "error";
-    the others finish with their exact tokens, and the scheduler keeps serving."""
+@pytest.mark.parametrize("engine", ["speed", "autoregressive"])
+def test_a_failing_request_fails_alone(monkeypatch, engine):
+    """An exception inside one request's pipeline (here: on its second step) ends that
+    request with "error" and its exception; the others finish with their exact tokens,
+    and the scheduler keeps serving."""
     from speedec.engines import pipeline as pipeline_module
 
     model = _model()
-    original = pipeline_module.Pipeline.advance
-
-    def advance(self, hidden, logits):
-        if self.out.tokens and self.out.tokens[0] == -1:
-            raise RuntimeError("boom")
-        return original(self, hidden, logits)
-
-    monkeypatch.setattr(pipeline_module.Pipeline, "advance", advance)
-    scheduler = Scheduler(model, step_costs=FLAT)
+    scheduler = Scheduler(model, engine=engine, step_costs=FLAT)
+    bad_request = ServeRequest([7, 7], 20)  # 20 tokens: far more than two steps make
+    monkeypatch.setattr(pipeline_module.Pipeline, "advance", _doom(scheduler, bad_request, on_advance=2))
     scheduler.start()
-    handles = [scheduler.submit(ServeRequest(p, 20)) for p in _prompts(3, 64)]
-    bad = scheduler.submit(ServeRequest([7, 7], 20))
-    while not bad.tokens and not bad.done:
-        time.sleep(0.001)
-    # Poison the request's state from outside: its next advance raises.
-    for a in list(scheduler._active):
-        if a.handle is bad:
-            a.pipeline.out.tokens[0] = -1
-    for h, p in zip(handles, _prompts(3, 64)):
+    prompts = _prompts(3, 64)
+    handles = [scheduler.submit(ServeRequest(p, 20)) for p in prompts]
+    bad = scheduler.submit(bad_request)
+    for h, p in zip(handles, prompts):
         assert h.result(30) == generate(model, p, 20, engine="autoregressive").tokens
+        assert h.finish_reason == "length"
     with pytest.raises(RuntimeError, match="boom"):
         bad.result(30)
-    assert bad.finish_reason in ("error", "length")
+    assert bad.finish_reason == "error" and isinstance(bad.error, RuntimeError)
+    assert 1 <= len(bad.tokens) < 20
+    assert bad.tokens == generate(model, [7, 7], 20, engine="autoregressive").tokens[:len(bad.tokens)]
+    assert scheduler.metrics()["requests_failed"] == 1
     after = scheduler.submit(ServeRequest([1], 5))
     assert after.result(30) == generate(model, [1], 5, engine="autoregressive").tokens
     assert scheduler.shutdown(5)
@@ -264,18 +307,22 @@ def test_bad_requests_are_generation_errors(request_, match):
 
 def test_queue_full_and_shutdown():
     model = _model()
-    scheduler = Scheduler(model, max_rows=1, max_queue=1, step_costs=FLAT)
+    # Steps are held until shutdown cancels the running request: the first request can
+    # neither finish nor free its row for the waiting one while the test checks.
+    scheduler = GatedScheduler(model, lambda handles: not all(h.cancelled for h in handles),
+                               max_rows=1, max_queue=1, step_costs=FLAT)
     with pytest.raises(ShuttingDown, match="not started"):
         scheduler.submit(ServeRequest([1], 5))
     scheduler.start()
     first = scheduler.submit(ServeRequest([1], 150))
-    while not first.tokens:
-        time.sleep(0.001)
+    assert scheduler.held.wait(60)  # first is active (prefilled), its first step held
     waiting = scheduler.submit(ServeRequest([2], 5))
     with pytest.raises(QueueFull, match="queue is full"):
         scheduler.submit(ServeRequest([3], 5))
+    assert scheduler.metrics()["queue_depth"] == 1 and scheduler.metrics()["requests_active"] == 1
     assert not scheduler.shutdown(0.0)  # deadline passed: the rest is cancelled
     assert first.finish_reason == "cancelled" and waiting.finish_reason == "cancelled"
+    assert waiting.tokens == [] and 1 <= len(first.tokens) < 150
     with pytest.raises(ShuttingDown):
         scheduler.submit(ServeRequest([1], 5))
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import serve_on_loopback
+from helpers import serve_on_loopback, wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -195,9 +194,7 @@ def test_full_queue_raises_rate_limit_error(model, tokenizer):
             with ThreadPoolExecutor(1) as pool:
                 busy = pool.submit(client.completions.create, model=MODEL_NAME, prompt="Hello", max_tokens=8,
                                    extra_body={"return_token_ids": True})
-                deadline = time.monotonic() + 10
-                while scheduler.metrics()["requests_active"] < 1 and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                wait_until(lambda: scheduler.metrics()["requests_active"] >= 1, "the request to be admitted")
                 assert scheduler.metrics()["requests_active"] == 1
                 with pytest.raises(openai.RateLimitError) as caught:
                     client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2)
