@@ -279,9 +279,28 @@ def test_llamacpp_rows_are_specs_when_importable(monkeypatch):
     assert bytes_per_token(specs[1], model, None, 1, 10) is None
 
 
-def test_llamacpp_logits_on_the_export_match_ours(tmp_path):
-    """Where llama.cpp is installed: its logits on a prompt, over our f32 GGUF export,
-    equal our model's within 1e-3, and its greedy continuation is ours."""
+def test_looped_export_holds_the_unique_blocks_and_the_loop_count(tmp_path):
+    from speedec.gguf_export import LOOPED_ARCH
+
+    config = small_config(tie_embeddings=False)
+    model = random_model(config, dtype=torch.float32)
+    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", dtype="f32", looped=True))
+    assert field(reader, "general.architecture") == LOOPED_ARCH
+    assert field(reader, f"{LOOPED_ARCH}.block_count") == config.n_unique_layers
+    assert field(reader, f"{LOOPED_ARCH}.num_loops") == config.n_loops
+    assert field(reader, f"{LOOPED_ARCH}.skip_loop_final_norm") is True
+    got = read_tensors(reader)
+    assert len({n for n in got if n.startswith("blk.")}) == 9 * config.n_unique_layers
+    expected = expected_tensors(model)
+    for name, array in got.items():
+        assert torch.equal(undo_rope(name, array, config).float(), expected[name]), name
+
+
+@pytest.mark.parametrize("looped", [False, True])
+def test_llamacpp_logits_on_the_export_match_ours(tmp_path, looped):
+    """Where llama.cpp is installed: its logits on a prompt, over our f32 GGUF export
+    (unrolled, or its looped llama with shared blocks), equal our model's within 1e-3,
+    and its greedy continuation is ours."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from speedec import generate
     from speedec.bench.llamacpp import GGML_TYPE_F32
@@ -290,7 +309,7 @@ def test_llamacpp_logits_on_the_export_match_ours(tmp_path):
     config = small_config(vocab_size=96, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=96, n_unique_layers=2,
                           n_loops=3, exit_loop=1, max_seq_len=64)
     model = random_model(config, seed=4, std=0.3, residual_scale=1.0, dtype=torch.float32)
-    path = export_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    path = export_gguf(model, tmp_path / "m.gguf", dtype="f32", looped=looped)
     # With llama.cpp's default f16 KV cache the logits differ by ~1e-2; the f32 cache is the same computation.
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
                           type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
@@ -307,3 +326,27 @@ def test_llamacpp_logits_on_the_export_match_ours(tmp_path):
         if len(continuation) == 12:
             break
     assert continuation == generate(model, prompt, 12, engine="autoregressive").tokens
+
+
+def test_llamacpp_runs_our_q8_0_blocks_as_our_int8_model_does(tmp_path):
+    """Where llama.cpp is installed: an int8 (q8_0) model exported with its own blocks.
+    llama.cpp's q8_0 products also quantize the activations per block of 32 (with a
+    float16 scale where speedec keeps float32), so the two agree closely, not exactly
+    (logits within 2% of their range; greedy tokens may part at a near-tie)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from speedec.bench.llamacpp import GGML_TYPE_F32
+    from speedec.quant import quantize_model
+
+    config = small_config(vocab_size=96, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=96, n_unique_layers=2,
+                          n_loops=3, exit_loop=1, max_seq_len=64)
+    model = quantize_model(random_model(config, seed=4, std=0.3, residual_scale=1.0, dtype=torch.float32))
+    path = export_gguf(model, tmp_path / "m.gguf", dtype="q8_0", looped=True)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                          type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+    prompt = [5, 17, 3, 88, 41, 2, 9]
+    llm.eval(prompt)
+    theirs = torch.tensor(np.asarray(llm.scores[: len(prompt)]), dtype=torch.float32)
+    with torch.inference_mode():
+        ours = model(torch.tensor([prompt])).logits[0]
+    span = float(ours.max() - ours.min())
+    assert float((theirs - ours).abs().max()) < 0.02 * span

@@ -10,6 +10,25 @@ from speedec import kernels
 from speedec.errors import ConfigError
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+# speedec's own few-row products, by kernel name: overloads of one op (csrc/few_rows.cpp).
+OWN_OPS = {"avx2": "default", "avx512": "avx512"}
+
+
+def own_op(name: str):
+    """The op of speedec's kernel ``name``; skips the test (saying why) where it cannot run."""
+    if not HAS_AVX2:
+        pytest.skip("the CPU has no AVX2")
+    assert kernels.avx2_kernel_available(), kernels._AVX2_ERROR
+    if name == "avx512" and not kernels.avx512_kernel_available():
+        pytest.skip(f"the AVX-512 path cannot run here: {kernels._AVX512_ERROR}")
+    return getattr(torch.ops.speedec_kernels.few_rows_linear, OWN_OPS[name])
+
+
+def auto_kernel() -> str:
+    """What ``SPEEDEC_KERNEL=auto`` should pick on this machine."""
+    if HAS_AVX2 and kernels.avx512_kernel_available():
+        return "avx512"
+    return "avx2" if HAS_AVX2 else "onednn" if kernels._ONEDNN else "matmul"
 
 
 def assert_linear_matches_f_linear(x: torch.Tensor, w: torch.Tensor) -> None:
@@ -36,22 +55,128 @@ def test_avx2_kernel_builds_on_an_avx2_machine():
     assert kernels.avx2_kernel_available(), kernels._AVX2_ERROR
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2")
+@pytest.mark.parametrize("name", ["avx2", "avx512"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 13])
 @pytest.mark.parametrize("k_dim,n_out", [(64, 96), (1003, 77), (16, 1)])
-def test_avx2_kernel_matches_float64_and_is_batch_invariant(rows, k_dim, n_out):
-    assert kernels.avx2_kernel_available(), kernels._AVX2_ERROR
+def test_own_kernel_matches_float64_and_is_batch_invariant(name, rows, k_dim, n_out):
+    op = own_op(name)
     gen = torch.Generator().manual_seed(rows * 1000 + k_dim)
     x = torch.randn(rows, k_dim, generator=gen)
     w = torch.randn(n_out, k_dim, generator=gen)
-    out = torch.ops.speedec_kernels.few_rows_linear(x, w)
+    out = op(x, w)
     exact = x.double() @ w.double().T
     assert out.shape == (rows, n_out) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-4 * k_dim ** 0.5)
     # Each row alone gives the same bits as in the batch: several tokens per step
     # cannot change what one token would have produced.
-    alone = torch.cat([torch.ops.speedec_kernels.few_rows_linear(x[i:i + 1], w) for i in range(rows)])
+    alone = torch.cat([op(x[i:i + 1], w) for i in range(rows)])
     assert torch.equal(out, alone)
+
+
+def _error_bound(x: torch.Tensor, w: torch.Tensor, lanes: int) -> torch.Tensor:
+    """A bound on a float32 few-row product's error against float64: each output is
+    ``lanes`` float32 chains of ceil(K / lanes) roundings plus a log2(lanes)-step
+    sum, so at most (ceil(K / lanes) + log2(lanes) + 1) units of 2^-24 of
+    sum |x_k w_k| (and half a bf16 unit of the result for bf16 rows)."""
+    k_dim = x.shape[-1]
+    steps = -(-k_dim // lanes) + lanes.bit_length()
+    bound = steps * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
+    if x.dtype == torch.bfloat16:
+        bound += 2.0 ** -8 * (x.double() @ w.double().T).abs()
+    return bound
+
+
+@pytest.mark.parametrize("name", ["avx2", "avx512"])
+@pytest.mark.parametrize("w_dtype,x_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16)])  # (float32 weights take float32 rows)
+@pytest.mark.parametrize("k_dim,n_out", [(1003, 37), (4096, 1), (17, 131), (40, 5)])  # (131: two threads' share)
+def test_own_kernel_is_batch_invariant_for_up_to_16_rows(name, w_dtype, x_dtype, k_dim, n_out):
+    """Every row's output is the same bits alone as among 2..16 rows, wherever it sits in
+    the batch (any chunking of the rows) and with one thread or two (any split of N);
+    each is within the float32 error bound of the float64 product. Odd N, N = 1 and K
+    not a multiple of 8, 16 or 32 exercise the paired rows, the single rows and the tails."""
+    op = own_op(name)
+    gen = torch.Generator().manual_seed(k_dim + n_out)
+    x = torch.randn(16, k_dim, generator=gen).to(x_dtype)
+    w = torch.randn(n_out, k_dim, generator=gen).to(w_dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([op(x[i:i + 1], w) for i in range(16)])
+        assert alone.dtype == x_dtype and alone.shape == (16, n_out)
+        exact = x.double() @ w.double().T
+        lanes = 16 if name == "avx512" else 8
+        assert ((alone.double() - exact).abs() <= _error_bound(x, w, lanes)).all()
+        if x_dtype == torch.bfloat16 and not (name == "avx512" and kernels.avx512_bf16_dot_available()):
+            # Without vdpbf16ps, bf16 rows are widened: the float32 rows' product, rounded once.
+            assert torch.equal(alone, op(x.float(), w).bfloat16())
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for rows in range(2, 17):
+                for start in sorted({0, 16 - rows, (16 - rows) // 2}):
+                    assert torch.equal(op(x[start:start + rows], w), alone[start:start + rows]), (rows, start)
+            # Leading dimensions are rows too.
+            assert torch.equal(op(x.reshape(2, 8, k_dim), w), alone.reshape(2, 8, n_out))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_op_without_an_overload_name_is_the_avx2_path():
+    """few_rows_linear(x, w) is the AVX2 product (the default overload, as before the
+    AVX-512 overload was added); the two paths round differently."""
+    op = own_op("avx2")
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(16, 1003, generator=gen), torch.randn(64, 1003, generator=gen)
+    assert torch.equal(torch.ops.speedec_kernels.few_rows_linear(x, w), op(x, w))
+    assert not torch.equal(own_op("avx512")(x, w), op(x, w))
+
+
+def test_avx512_probe_is_consistent_and_cached():
+    """probe_avx512 says whether AVX-512 F/BW/VL (and AVX512_BF16) ran here, once per
+    process; where it did, the CPU advertises them; where not, the op refuses to run."""
+    if not HAS_AVX2:
+        pytest.skip("the CPU has no AVX2")
+    assert kernels.avx2_kernel_available(), kernels._AVX2_ERROR
+    ops = torch.ops.speedec_kernels
+    runs, reason = ops.probe_avx512("avx512"), ops.probe_avx512_reason("avx512")
+    assert runs == (reason == "") and ops.probe_avx512("avx512") == runs
+    assert runs == kernels.avx512_kernel_available()
+    if ops.probe_avx512("avx512bf16"):
+        assert runs  # the bf16 path needs the rest of AVX-512 too
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = next((line.split(":")[1].split() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("flags")), None) if cpuinfo.exists() else None
+    if runs and flags is not None:
+        assert {"avx512f", "avx512bw", "avx512vl"} <= set(flags)
+    with pytest.raises(RuntimeError, match="isa must be"):
+        ops.probe_avx512("amx")
+    if not runs:
+        assert "avx512" not in kernels.available_kernels()
+        with pytest.raises(RuntimeError, match="cannot run here"):
+            ops.few_rows_linear.avx512(torch.ones(1, 8), torch.ones(2, 8))
+
+
+@pytest.mark.parametrize("name", ["avx2", "avx512"])
+def test_engines_give_identical_tokens_under_each_own_kernel(name):
+    """speed's batched steps and autoregressive decoding agree token for token under the
+    kernel (float32, batch-invariant products and the fused attention)."""
+    from helpers import random_model, small_config
+    from speedec.engines import generate
+
+    own_op(name)
+    model = random_model(small_config(vocab_size=64, n_loops=4, exit_loop=1), seed=3, std=0.7,
+                         residual_scale=4.0, dtype=torch.float32)
+    prompt = list(range(1, 9))
+    op = getattr(torch.ops.speedec_kernels.few_rows_linear, OWN_OPS[name])
+    with kernels.use_kernel(name):
+        ref = generate(model, prompt, 40, engine="autoregressive").tokens
+        assert generate(model, prompt, 40, engine="speed").tokens == ref
+        assert generate(model, prompt, 40, engine="speed", guesses=2).tokens == ref
+        with torch.inference_mode():  # (the products do go through this kernel)
+            x = torch.randn(3, model.config.d_model)
+            assert torch.equal(kernels.linear(x, model.head_weight), op(x, model.head_weight))
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2")
@@ -68,13 +193,13 @@ def test_avx2_kernel_rejects_bad_operands():
         op(torch.ones(2, 8, dtype=torch.float16), torch.ones(4, 8, dtype=torch.float16))
 
 
-@pytest.mark.parametrize("name", ["avx2", "onednn", "torch", "auto"])
+@pytest.mark.parametrize("name", ["avx512", "avx2", "onednn", "torch", "auto"])
 def test_linear_agrees_with_f_linear_under_every_kernel(kernel, name):
-    if name == "avx2" and not HAS_AVX2:
-        pytest.skip("the CPU has no AVX2")
+    if name in OWN_OPS:
+        own_op(name)
     if name == "onednn" and not kernels._ONEDNN:
         pytest.skip("this PyTorch build has no oneDNN linear")
-    expected = name if name != "auto" else ("avx2" if HAS_AVX2 else "onednn" if kernels._ONEDNN else "matmul")
+    expected = name if name != "auto" else auto_kernel()
     assert kernel(name) == expected
     x = torch.randn(2, 3, 40)
     w = torch.randn(24, 40)
@@ -88,6 +213,8 @@ def test_without_onednn_and_avx2_the_fallback_is_w_at_x(kernel, monkeypatch):
     monkeypatch.setattr(kernels, "_ONEDNN", False)
     monkeypatch.setattr(kernels, "_AVX2", False)
     assert kernel("auto") == "matmul"
+    with pytest.raises(ConfigError, match="SPEEDEC_KERNEL=avx512 but the kernel is unavailable: the kernel library"):
+        kernel("avx512")
     with pytest.raises(ConfigError, match="no oneDNN"):
         kernel("onednn")
     kernel("auto")
@@ -131,11 +258,31 @@ def test_without_avx2_the_kernel_falls_back_with_a_reason(kernel, monkeypatch):
     assert not kernels.avx2_kernel_available()
     assert "not AVX2" in kernels._AVX2_ERROR
     assert kernel("auto") in ("onednn", "matmul")
-    assert "avx2" not in kernels.available_kernels()
+    assert "avx2" not in kernels.available_kernels() and "avx512" not in kernels.available_kernels()
     with pytest.raises(ConfigError, match="SPEEDEC_KERNEL=avx2 but the kernel is unavailable"):
         kernel("avx2")
+    with pytest.raises(ConfigError, match="SPEEDEC_KERNEL=avx512 but the kernel is unavailable"):
+        kernel("avx512")
     kernel("auto")
     assert_linear_matches_f_linear(torch.randn(2, 16), torch.randn(8, 16))
+
+
+def test_where_the_avx512_probe_fails_auto_picks_avx2_and_avx512_says_why(kernel, monkeypatch):
+    """A host whose CPU lacks AVX-512 (or advertises it and faults): ``auto`` is the AVX2
+    kernel, ``avx512`` is not listed, and asking for it is a ConfigError naming the probe's reason."""
+    if not HAS_AVX2:
+        pytest.skip("the CPU has no AVX2")
+    assert kernels.avx2_kernel_available(), kernels._AVX2_ERROR
+    monkeypatch.setattr(kernels, "_AVX512_PROBE", "AVX-512 F/BW/VL is advertised but raised SIGILL")
+    assert kernel("auto") == "avx2"
+    assert kernels.available_kernels()[0] == "avx2" and "avx512" not in kernels.available_kernels()
+    with pytest.raises(ConfigError, match="SPEEDEC_KERNEL=avx512 but the kernel is unavailable: .*SIGILL"):
+        kernel("avx512")
+    kernel("auto")
+    with pytest.raises(ConfigError, match="the avx512 kernel is unavailable here: .*SIGILL"):
+        with kernels.use_kernel("avx512"):
+            pass
+    assert kernels.fused_ops_available()  # the fused ops are the AVX2 library's
 
 
 def test_a_failed_build_warns_once_and_falls_back(kernel, monkeypatch, tmp_path):

@@ -108,8 +108,12 @@ class ModelConfig(JsonConfig):
     # both branch outputs, the final norm at the end of every loop, a readout
     # without a second norm, and an early-exit gate).
     architecture: str = "llama"
+    # How the layers' projections and the LM head are stored: None (the model's
+    # float dtype) or "q8_0" (8-bit blocks of 32 with a float16 scale each,
+    # llama.cpp's q8_0; see speedec.quant). Written by `speedec quantize`.
+    quantization: str | None = None
 
-    OMIT_AT_DEFAULT = ("loop_embedding", "exit_readout_rank", "architecture")
+    OMIT_AT_DEFAULT = ("loop_embedding", "exit_readout_rank", "architecture", "quantization")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "ffn_dim",
@@ -136,6 +140,12 @@ class ModelConfig(JsonConfig):
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"architecture must be one of {', '.join(ARCHITECTURES)}, "
                               f"got {self.architecture!r}")
+        if self.quantization is not None:
+            from .quant import QUANTIZATIONS
+
+            if self.quantization not in QUANTIZATIONS:
+                raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or null, "
+                                  f"got {self.quantization!r}")
         if self.architecture == "ouro" and (self.loop_embedding or self.exit_readout_rank is not None):
             raise ConfigError("the ouro architecture has no loop_embedding or exit_readout_rank")
         if self.d_model % self.n_heads:

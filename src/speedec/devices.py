@@ -8,6 +8,9 @@ from .errors import SpeedecError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
+# The weights' dtypes of a decoder-only model: the float ones, and "int8" for
+# q8_0 weights (8-bit blocks with a float16 scale; float32 activations; speedec.quant).
+MODEL_DTYPES = {**DTYPES, "int8": torch.int8}
 
 
 def parse_device(name: str) -> torch.device:

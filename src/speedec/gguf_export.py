@@ -15,7 +15,13 @@ by :meth:`Conversion.from_ours` like any other export. What GGUF adds:
 * **Dtypes.** ``f32``; ``f16`` (1-D tensors, the norms, stay f32 as llama.cpp
   expects); ``q8_0`` (blocks of 32 along a row, quantized with the ``gguf``
   package's own helpers; a matrix whose rows do not split into blocks of 32 is
-  written f16 instead, and the norms stay f32).
+  written f16 instead, and the norms stay f32). A model that is already q8_0
+  (:mod:`speedec.quant`) is written with its own blocks, byte for byte, and
+  everything else in float32 as speedec holds it (a matrix whose rows it pads
+  to whole blocks: its exact float32 values).
+* **Looped.** ``looped=True`` writes llama.cpp's looped llama
+  (:data:`LOOPED_ARCH`): the K unique blocks once, the loop count, and the
+  final norm once before the head, instead of K * L unrolled blocks.
 * **Tokenizer.** A ``tokenizer.json`` (byte-level BPE) next to the model is
   written as GGUF's ``gpt2`` tokenizer: tokens by id, merges, token types
   (added special tokens are control tokens; ids past the tokenizer up to the
@@ -50,6 +56,12 @@ from .storage import atomic_write
 from .tokenizer import EOS_TOKEN
 
 DTYPES = ("f32", "f16", "q8_0")
+# llama.cpp's architecture for a looped pre-norm llama (K blocks run L times, weights
+# shared, a KV cache per loop and block), as its nanbeige loader reads it: with
+# "skip_loop_final_norm" true, the final norm runs once, before the head, as in
+# speedec's "llama" architecture. Its keys are written by name (the gguf package has
+# no constants for them).
+LOOPED_ARCH = "nanbeige"
 # Rows of a q8_0 block.
 Q8_BLOCK = 32
 
@@ -129,16 +141,73 @@ def check_exportable(model: LoopedLM) -> None:
                           "it cannot be exported to GGUF")
 
 
-def gguf_tensors(model: LoopedLM) -> dict[str, torch.Tensor]:
-    """The model's tensors under their GGUF names, float32, q/k rows in ggml's rope layout."""
-    check_exportable(model)
+class _StateView:
+    """A config and a state dict, as :meth:`Conversion.from_ours` reads a model."""
+
+    def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+        self.config, self._state = config, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def _placed(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` under GGUF names, q/k rows in ggml's rope layout (any dtype: only rows move)."""
     c = model.config
-    tensors = GGUFLlamaConversion.from_ours(model)
+    tensors = GGUFLlamaConversion.from_ours(_StateView(c, state))
     for name, tensor in tensors.items():
         heads = GGUFLlamaConversion.rope_rows.get(".".join(name.split(".")[-2:]))
-        tensor = tensor.to(torch.float32)
         tensors[name] = interleave_rope_rows(tensor, heads(c)) if heads else tensor
     return tensors
+
+
+def gguf_tensors(model: LoopedLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under their GGUF names, float32, q/k rows in ggml's rope layout
+    (a q8_0 model's 8-bit weights dequantized)."""
+    check_exportable(model)
+    if getattr(model.config, "quantization", None) is not None:
+        floats, values, scales = q8_gguf_tensors(model)
+        return {**floats, **{name: _dequantized(model, name, values[name], scales[name]) for name in values}}
+    return {name: t.to(torch.float32) for name, t in _placed(model, model.state_dict()).items()}
+
+
+def q8_gguf_tensors(model: LoopedLM) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                             dict[str, torch.Tensor]]:
+    """A q8_0 model's tensors under their GGUF names: ``(floats, values, scales)``: the
+    float tensors (float32), and the 8-bit weights' int8 values ``[N, K]`` and float16
+    scales ``[N, K / 32]``. Fused projections are split and q/k rows reordered exactly
+    as float weights are: blocks run along rows, so moving whole rows moves whole
+    blocks and nothing is quantized again."""
+    state = model.state_dict()
+    floats = {name: t for name, t in state.items() if not name.endswith((".qs", ".d"))}
+    placed = {}
+    for leaf in ("qs", "d"):
+        quantized = {name.removesuffix("." + leaf): t for name, t in state.items() if name.endswith("." + leaf)}
+        placed[leaf] = _placed(model, {**floats, **quantized})
+    values = {name: t for name, t in placed["qs"].items() if t.dtype == torch.int8}
+    scales = {name: placed["d"][name] for name in values}
+    return {name: t.to(torch.float32) for name, t in placed["qs"].items() if name not in values}, values, scales
+
+
+def _input_width(model, name: str) -> int:
+    """The real input dimension of the GGUF matrix ``name`` (8-bit rows may be padded)."""
+    c = model.config
+    return {"attn_output": c.n_heads * c.head_dim, "ffn_down": c.ffn_dim}.get(name.split(".")[-2], c.d_model)
+
+
+def _dequantized(model, name: str, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``values * scales`` as float32 ``[N, K]``, without the padding columns."""
+    full = (values.to(torch.float32).reshape(*scales.shape, Q8_BLOCK) * scales.to(torch.float32)[..., None])
+    return full.reshape(values.shape)[:, : _input_width(model, name)]
+
+
+def q8_0_blocks(values: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+    """GGUF's q8_0 bytes of int8 ``values [N, K]`` and float16 ``scales [N, K / 32]``:
+    per block, the scale (2 bytes, little-endian) then its 32 values: ``[N, K / 32 * 34]`` uint8."""
+    n, k = values.shape
+    d = scales.contiguous().numpy().view(np.uint8).reshape(n, k // Q8_BLOCK, 2)
+    qs = values.contiguous().numpy().view(np.uint8).reshape(n, k // Q8_BLOCK, Q8_BLOCK)
+    return np.ascontiguousarray(np.concatenate((d, qs), axis=-1).reshape(n, -1))
 
 
 def _file_type(gguf, dtype: str) -> int:
@@ -199,7 +268,7 @@ def read_tokenizer_json(path: Path, vocab_size: int) -> dict[str, Any]:
             "merges": [m if isinstance(m, str) else " ".join(m) for m in merges]}
 
 
-def _add_metadata(writer, gguf, model: LoopedLM, name: str, dtype: str) -> None:
+def _add_metadata(writer, gguf, model: LoopedLM, name: str, dtype: str, looped: bool) -> None:
     c = model.config
     writer.add_name(name)
     writer.add_file_type(_file_type(gguf, dtype))
@@ -207,7 +276,10 @@ def _add_metadata(writer, gguf, model: LoopedLM, name: str, dtype: str) -> None:
     writer.add_vocab_size(c.vocab_size)
     writer.add_context_length(c.max_seq_len)
     writer.add_embedding_length(c.d_model)
-    writer.add_block_count(c.n_virtual_layers)
+    writer.add_block_count(c.n_unique_layers if looped else c.n_virtual_layers)
+    if looped:  # llama.cpp's looped pre-norm llama: the K blocks run L times, one final norm
+        writer.add_uint32(f"{LOOPED_ARCH}.num_loops", c.n_loops)
+        writer.add_bool(f"{LOOPED_ARCH}.skip_loop_final_norm", True)
     writer.add_feed_forward_length(c.ffn_dim)
     writer.add_head_count(c.n_heads)
     writer.add_head_count_kv(c.n_kv_heads)
@@ -237,26 +309,51 @@ def _add_tokenizer(writer, tokenizer: dict[str, Any] | None) -> None:
 
 
 def export_gguf(model: LoopedLM, out: str | Path, *, dtype: str = "f32",
-                tokenizer_json: str | Path | None = None, name: str | None = None) -> Path:
-    """Write ``model`` to ``out`` as a llama GGUF (see the module docstring)."""
+                tokenizer_json: str | Path | None = None, name: str | None = None,
+                looped: bool = False) -> Path:
+    """Write ``model`` to ``out`` as a llama GGUF (see the module docstring). ``looped``:
+    as llama.cpp's looped llama (:data:`LOOPED_ARCH`): the K unique blocks once and the
+    loop count, instead of K * L unrolled blocks (L times less memory in llama.cpp)."""
     if dtype not in DTYPES:
         raise ConfigError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     gguf = _gguf()
-    if dtype == "q8_0":
-        _q8_0(gguf)
-    tensors = gguf_tensors(model)
+    quantized = getattr(model.config, "quantization", None)
+    blocks: dict[str, np.ndarray] = {}
+    if quantized is not None:
+        if dtype != "q8_0":
+            raise ConfigError(f"the model's weights are {quantized}; export it with --dtype q8_0 (its own blocks)")
+        check_exportable(model)
+        floats, values, scales = q8_gguf_tensors(model)
+        # Rows padded to whole blocks (an input width that is not a multiple of 32) cannot be
+        # GGUF q8_0 rows: those matrices are written as their exact float32 values.
+        whole = {name for name in values if values[name].shape[1] == _input_width(model, name)}
+        blocks = {name: q8_0_blocks(values[name], scales[name]) for name in whole}
+        padded = {name: _dequantized(model, name, values[name], scales[name]) for name in values if name not in whole}
+        tensors = {**floats, **padded, **dict.fromkeys(blocks)}
+    else:
+        if dtype == "q8_0":
+            _q8_0(gguf)
+        tensors = gguf_tensors(model)
     c = model.config
+    if looped:  # the first K blocks are the unique layers; the loop count repeats them
+        tensors = {n: t for n, t in tensors.items()
+                   if not n.startswith("blk.") or int(n.split(".")[1]) < c.n_unique_layers}
     tokenizer = None if tokenizer_json is None else read_tokenizer_json(Path(tokenizer_json), c.vocab_size)
     out = Path(out)
     if name is None:
         name = f"speedec looped llama (K={c.n_unique_layers}, L={c.n_loops})"
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        _add_metadata(writer, gguf, model, name, dtype)
+        writer = gguf.GGUFWriter(tmp, LOOPED_ARCH if looped else "llama")
+        _add_metadata(writer, gguf, model, name, dtype, looped)
         _add_tokenizer(writer, tokenizer)
         for tensor_name, tensor in tensors.items():
-            _add_tensor(writer, gguf, tensor_name, tensor, dtype)
+            if tensor_name in blocks:  # the model's own q8_0 blocks, byte for byte
+                writer.add_tensor(tensor_name, blocks[tensor_name], raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            elif blocks:  # the rest of a q8_0 model is float32 in speedec: so in the file
+                _add_tensor(writer, gguf, tensor_name, tensor, "f32")
+            else:
+                _add_tensor(writer, gguf, tensor_name, tensor, dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -15,19 +15,67 @@ development machine (AMD EPYC, AVX2, PyTorch 2.13 CPU with MKL + oneDNN, the
   and 6.3 ms at four (1.3x and 1.5x faster than oneDNN), 8.2 ms at five. It is
   also batch-invariant: a row's product does not depend on which other rows
   share it.
+* speedec's AVX-512 kernel (same file, op ``few_rows_linear.avx512``): the
+  same streaming with 16-lane float32 accumulators, up to eight rows per pass
+  over a pair of weight rows, K % 16 as one masked step; bf16 rows with bf16
+  weights use AVX512_BF16's ``vdpbf16ps`` (pairs of products into float32
+  lanes) where it runs. Batch-invariant the same way; it rounds differently
+  from the AVX2 kernel (each kernel is fixed per model and machine).
 
-The AVX2 kernel is compiled on first use (about 15 s, cached under
+Measured on an Intel Xeon host (KVM guest, 2 cores, AVX-512
+F/BW/VL/VNNI/BF16/FP16, AMX advertised but faulting; PyTorch 2.13 CPU, 2
+threads; the library built with ``-O3 -mavx2 -mfma -fopenmp
+-ffp-contract=off``, the AVX-512 functions with ``target("avx512f,avx512bw,
+avx512vl[,avx512bf16]")``), the minimum of 6 runs (another job shared the
+machine at times: runs varied by 5-30%). One 8192 x 4096 product, ms for
+1 / 2 / 4 / 8 / 16 rows:
+
+=====================  ================================  ================================
+weights, rows          ``avx2``                          ``avx512``
+=====================  ================================  ================================
+float32, float32       2.81 / 2.68 / 3.20 / 5.38 / 9.95  2.64 / 2.85 / 3.12 / 3.92 / 7.07
+bf16, float32          1.41 / 1.55 / 2.42 / 4.86 / 8.76  1.17 / 1.24 / 1.70 / 2.64 / 5.41
+bf16, bf16             1.38 / 1.59 / 2.39 / 4.68 / 8.52  1.16 / 1.16 / 1.38 / 2.58 / 5.17
+=====================  ================================  ================================
+
+(one row reads 51 GB/s float32 and 58 GB/s bf16 with ``avx512``, so bf16
+costs 0.44x float32; ``vdpbf16ps`` (the bf16, bf16 row) measured faster than
+widening the weights (the bf16, float32 row), 1.38 against 1.70 ms at four
+rows, though it issues only one per two cycles here and so is compute-bound
+from about five rows). The whole ``membound`` step (``speedec kernels
+--max-rows 8``, minimum of 5 runs for float32 and 3 for bf16), ms at
+1 / 2 / 4 / 6 / 8 rows:
+
+=========  ================================  ================================
+weights    ``avx2``                          ``avx512``
+=========  ================================  ================================
+float32    2.27 / 2.39 / 2.63 / 3.18 / 4.48  2.29 / 2.39 / 2.61 / 2.84 / 3.09
+bf16       2.06 / 2.27 / 2.88 / 3.99 / 5.50  1.89 / 2.03 / 2.35 / 3.20 / 4.05
+=========  ================================  ================================
+
+The two are even up to five float32 rows and ``avx512`` is 1.1-1.45x faster
+from six; with bf16 weights ``avx512`` is 1.1-1.5x faster throughout. A bf16
+step costs 1.24x its one-row cost at four rows, and its one row 0.83x a float32
+one, not half: its products take about 1.1 of the 1.9 ms (profiled), the rest
+being the bf16 attention and norms (the fused ops are float32's).
+
+The library is compiled on first use (about 15 s, cached under
 ``$XDG_CACHE_HOME/speedec/kernels``); where it cannot be built or the CPU
-lacks AVX2/FMA, oneDNN is used. ``SPEEDEC_KERNEL`` picks explicitly:
-``auto`` (default: ``avx2``, else oneDNN, else ``W @ x.T``), ``avx2``,
-``onednn`` or ``torch`` (plain ``F.linear``).
+lacks AVX2/FMA, oneDNN is used. The AVX-512 kernel is used only where the
+library's probe (``speedec_kernels::probe_avx512``, once per process) saw it
+run: CPUID reports AVX-512 F/BW/VL (AVX512_BF16 for ``vdpbf16ps``), XCR0 says
+the OS saves the ZMM state, and a few of its instructions ran under a SIGILL
+handler (a CPU flag is not proof). ``SPEEDEC_KERNEL`` picks explicitly:
+``auto`` (default: ``avx512`` where it runs, else ``avx2``, else oneDNN, else
+``W @ x.T``), ``avx512``, ``avx2``, ``onednn`` or ``torch`` (plain ``F.linear``).
 bfloat16 weights (a bf16 checkpoint loaded in its own dtype) take the same
-AVX2 kernel: each weight is widened to float32 as it is loaded, products and
+kernels: each weight is widened to float32 as it is loaded, products and
 sums are float32 (in the float32 path's order, so it is batch-invariant the
 same way) and the output has the rows' dtype; it reads half the bytes of
-float32. Without the AVX2 kernel, bf16 products use ``W @ x.T`` (oneDNN's
-float32 path does not apply). Training (gradients on), other dtypes/devices
-and many rows always use ``F.linear``.
+float32 (bf16 rows on the AVX-512 kernel with AVX512_BF16: ``vdpbf16ps``
+instead, as above). Without these kernels, bf16 products use ``W @ x.T``
+(oneDNN's float32 path does not apply). Training (gradients on), other
+dtypes/devices and many rows always use ``F.linear``.
 
 Which kernel a product uses is decided per model, not by a setting shared
 by the process: :func:`prepare_kernel` stores the choice on the model
@@ -65,7 +113,7 @@ _ONEDNN = (torch.backends.mkldnn.is_available()
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-KERNELS = ("auto", "avx2", "onednn", "torch")
+KERNELS = ("auto", "avx512", "avx2", "onednn", "torch")
 _SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
 # -fopenmp: at::parallel_for is inlined and uses OpenMP; the library then binds
 # to the libgomp that PyTorch has already loaded (same soname), one thread pool.
@@ -75,6 +123,10 @@ _CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
 # None: not tried yet; False: unavailable (reason in _AVX2_ERROR); True: loaded.
 _AVX2: bool | None = None
 _AVX2_ERROR = ""
+# The AVX-512 probe of the loaded library (csrc/few_rows.cpp probe_avx512): None until
+# asked, then "" where the AVX-512 path runs, else why not. Once per process.
+_AVX512_PROBE: str | None = None
+_AVX512_ERROR = ""
 
 
 def kernel_choice() -> str:
@@ -125,6 +177,28 @@ def avx2_kernel_available() -> bool:
     return _AVX2
 
 
+def avx512_kernel_available() -> bool:
+    """Whether the AVX-512 few-row product (op ``few_rows_linear.avx512``, same library)
+    runs here: the library is loaded and its probe saw AVX-512 F/BW/VL instructions
+    run (CPUID, the OS's XCR0 and a few instructions under a SIGILL handler: a CPU
+    flag is not proof). The reason it does not is in ``_AVX512_ERROR``."""
+    global _AVX512_PROBE, _AVX512_ERROR
+    if not avx2_kernel_available():
+        _AVX512_ERROR = f"the kernel library is unavailable ({_AVX2_ERROR})"
+        return False
+    if _AVX512_PROBE is None:
+        _AVX512_PROBE = str(torch.ops.speedec_kernels.probe_avx512_reason("avx512"))
+    _AVX512_ERROR = _AVX512_PROBE
+    return _AVX512_PROBE == ""
+
+
+def avx512_bf16_dot_available() -> bool:
+    """Whether the AVX-512 kernel multiplies bf16 rows by bf16 weights with
+    vdpbf16ps (AVX512_BF16 probed as :func:`avx512_kernel_available` probes
+    AVX-512); elsewhere it widens them to float32."""
+    return avx512_kernel_available() and bool(torch.ops.speedec_kernels.probe_avx512("avx512bf16"))
+
+
 # A build killed hard (SIGKILL, out of memory) leaves PyTorch's lock file
 # behind, and PyTorch would wait on it forever; a real build takes well under this.
 _STALE_LOCK_S = 300.0
@@ -154,7 +228,7 @@ def fused_ops_available() -> bool:
     global _FUSED
     if _FUSED is None:
         enabled = os.environ.get("SPEEDEC_FUSED", "1").strip() != "0"
-        _FUSED = enabled and kernel_choice() in ("auto", "avx2") and avx2_kernel_available()
+        _FUSED = enabled and kernel_choice() in ("auto", "avx512", "avx2") and avx2_kernel_available()
     return _FUSED
 
 
@@ -162,10 +236,14 @@ _FUSED: bool | None = None
 
 
 def active_kernel() -> str:
-    """The kernel :func:`linear` uses for a few float32 (or bf16) CPU rows: ``avx2``,
-    ``onednn``, ``torch`` (``F.linear``, only when chosen) or ``matmul``
-    (``W @ x.T``, the fallback when neither of the first two is available)."""
+    """The kernel :func:`linear` uses for a few float32 (or bf16) CPU rows: ``avx512``,
+    ``avx2``, ``onednn``, ``torch`` (``F.linear``, only when chosen) or ``matmul``
+    (``W @ x.T``, the fallback when none of the first three is available)."""
     choice = kernel_choice()
+    if choice in ("auto", "avx512") and avx512_kernel_available():
+        return "avx512"
+    if choice == "avx512":
+        raise ConfigError(f"SPEEDEC_KERNEL=avx512 but the kernel is unavailable: {_AVX512_ERROR}")
     if choice in ("auto", "avx2") and avx2_kernel_available():
         return "avx2"
     if choice == "avx2":
@@ -180,10 +258,12 @@ def active_kernel() -> str:
 def linear(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
     """``x [..., in] @ weight[out, in].T``, with the fastest kernel for the row count.
 
-    ``kernel``: the model's choice (``avx2``, ``onednn``, ``torch`` or
-    ``matmul``, see :func:`prepare_kernel`); None uses the process default.
+    ``kernel``: the model's choice (``avx512``, ``avx2``, ``onednn``, ``torch``
+    or ``matmul``, see :func:`prepare_kernel`); None uses the process default.
     A :func:`use_kernel` block overrides either.
     """
+    if not isinstance(weight, torch.Tensor):  # 8-bit weights (speedec.quant.Q8Weight) multiply themselves
+        return weight(x)
     rows = x.numel() // x.shape[-1]
     if rows > FEW_ROWS or torch.is_grad_enabled():
         return F.linear(x, weight)
@@ -192,6 +272,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None) -> 
         kernel = _OVERRIDE.get() or kernel or _DEFAULT or _resolve()
         if kernel == "avx2":  # takes x [..., in] as it is: no reshapes on this path
             return torch.ops.speedec_kernels.few_rows_linear(x, weight)
+        if kernel == "avx512":  # (the same, 16 lanes wide)
+            return torch.ops.speedec_kernels.few_rows_linear.avx512(x, weight)
     # Row-major rows in, row-major rows out: a column-major output pushes the
     # attention that follows off its fast kernel.
     x2 = x.reshape(rows, x.shape[-1]).contiguous()
@@ -233,14 +315,14 @@ def _resolve() -> str:
 
 @contextmanager
 def use_kernel(name: str) -> Iterator[None]:
-    """Run the few-row products of the block with kernel ``name`` (``avx2``,
-    ``onednn`` or ``torch``), whatever kernel their model chose; only in the
-    calling thread. Raises :class:`ConfigError` if it is unavailable."""
+    """Run the few-row products of the block with kernel ``name`` (``avx512``,
+    ``avx2``, ``onednn`` or ``torch``), whatever kernel their model chose; only
+    in the calling thread. Raises :class:`ConfigError` if it is unavailable."""
     if name not in KERNELS[1:]:
         raise ConfigError(f"kernel must be one of {', '.join(KERNELS[1:])}, got {name!r}")
     if name not in available_kernels():
-        raise ConfigError(f"the {name} kernel is unavailable here"
-                          + (f": {_AVX2_ERROR}" if name == "avx2" else ""))
+        reason = {"avx512": _AVX512_ERROR, "avx2": _AVX2_ERROR}.get(name, "")
+        raise ConfigError(f"the {name} kernel is unavailable here" + (f": {reason}" if reason else ""))
     token = _OVERRIDE.set(name)
     try:
         yield
@@ -255,11 +337,20 @@ def prepare_kernel(model) -> None:
     model keeps its kernel whatever else the process runs."""
     if model.device.type == "cpu" and model.dtype in _KERNEL_DTYPES:
         model.set_kernel(active_kernel())
+    if getattr(model.config, "quantization", None) is not None:
+        from .q8_kernels import best_path
+        from .quant import Q8Weight
+
+        path = (best_path() or "torch") if model.device.type == "cpu" else "torch"
+        for module in model.modules():
+            if isinstance(module, Q8Weight):
+                module.path = path
 
 
 def available_kernels() -> list[str]:
-    """The few-row kernels this machine can run (building the AVX2 one if needed)."""
-    return (["avx2"] if avx2_kernel_available() else []) + (["onednn"] if _ONEDNN else []) + ["torch"]
+    """The few-row kernels this machine can run, best first (building speedec's own if needed)."""
+    return ((["avx512"] if avx512_kernel_available() else []) + (["avx2"] if avx2_kernel_available() else [])
+            + (["onednn"] if _ONEDNN else []) + ["torch"])
 
 
 def reset_kernel_choice() -> None:

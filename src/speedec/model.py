@@ -389,6 +389,16 @@ class SegmentAttention:
                           for attention, part in zip(self.attentions, qkv.split(self.sizes))])
 
 
+def weight_factory(config):
+    """How a model of ``config`` holds a product's weight ``[out, in]``: a float
+    parameter, or a :class:`~speedec.quant.Q8Weight` when the config says ``q8_0``."""
+    if getattr(config, "quantization", None) == "q8_0":
+        from .quant import Q8Weight
+
+        return Q8Weight
+    return lambda out_features, in_features: nn.Parameter(torch.empty(out_features, in_features))
+
+
 class LoopedLayer(KernelModule):
     """One unique Llama-style layer: RMSNorm, GQA attention with RoPE, SwiGLU MLP.
 
@@ -404,12 +414,13 @@ class LoopedLayer(KernelModule):
         c = config
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.ffn_dim = c.ffn_dim
+        weight = weight_factory(c)
         self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.wqkv = nn.Parameter(torch.empty((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.d_model))
-        self.wo = nn.Parameter(torch.empty(c.d_model, c.n_heads * c.head_dim))
+        self.wqkv = weight((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.d_model)
+        self.wo = weight(c.d_model, c.n_heads * c.head_dim)
         self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.w_gate_up = nn.Parameter(torch.empty(2 * c.ffn_dim, c.d_model))
-        self.w_down = nn.Parameter(torch.empty(c.d_model, c.ffn_dim))
+        self.w_gate_up = weight(2 * c.ffn_dim, c.d_model)
+        self.w_down = weight(c.d_model, c.ffn_dim)
 
     def attention_branch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          attend) -> torch.Tensor:
@@ -615,7 +626,9 @@ class LoopedLM(LoopedModelBase):
         layer_class = SandwichLayer if self.ouro else LoopedLayer
         self.layers = nn.ModuleList(layer_class(config) for _ in range(config.n_unique_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        if config.tie_embeddings:
+        if config.quantization is not None:  # an 8-bit head, also when the float model ties it
+            self.lm_head = weight_factory(config)(config.vocab_size, config.d_model)
+        elif config.tie_embeddings:
             self.lm_head = None
         else:
             self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.d_model))
@@ -635,14 +648,16 @@ class LoopedLM(LoopedModelBase):
         n_virtual = self.config.n_virtual_layers
         with torch.no_grad():
             self.embed.weight.normal_(0.0, std, generator=generator)
-            if self.lm_head is not None:
+            if isinstance(self.lm_head, nn.Parameter):  # (8-bit weights are made by quantizing)
                 self.lm_head.normal_(0.0, std, generator=generator)
             for layer in self.layers:
                 for w in (layer.wqkv, layer.w_gate_up):
-                    w.normal_(0.0, std, generator=generator)
+                    if isinstance(w, nn.Parameter):
+                        w.normal_(0.0, std, generator=generator)
                 for w in (layer.wo, layer.w_down):
-                    w.normal_(0.0, std * residual_scale / math.sqrt(2 * n_virtual),
-                              generator=generator)
+                    if isinstance(w, nn.Parameter):
+                        w.normal_(0.0, std * residual_scale / math.sqrt(2 * n_virtual),
+                                  generator=generator)
             if self.loop_embedding is not None:
                 self.loop_embedding.normal_(0.0, std, generator=generator)
             if self.exit_gate is not None:
@@ -721,7 +736,9 @@ class LoopedLM(LoopedModelBase):
                 loop_logits[loop + 1] = self.head(x)
             if output_draft and self.exit_readout is not None and loop + 1 == c.exit_loop:
                 # The trunk and the head get no gradient from the drafter's loss.
-                draft_logits = linear(self.exit_readout(x.detach()), self.head_weight.detach(), self.kernel)
+                head = self.head_weight
+                head = head.detach() if isinstance(head, torch.Tensor) else head  # (8-bit heads have no gradient)
+                draft_logits = linear(self.exit_readout(x.detach()), head, self.kernel)
         return LoopedOutput(logits=self.head(x), loop_logits=loop_logits, draft_logits=draft_logits)
 
     def _loops(self, tokens: torch.Tensor):

@@ -261,16 +261,35 @@ def from_pretrained(directory: str | Path, expected: ModelFormat | None = LOOPED
     speedec's own models."""
     directory = Path(directory)
     data = _peek_config(directory)
+    quantize = dtype == torch.int8  # q8_0 weights (speedec.quant), quantized from the float ones
     if isinstance(data, dict) and "format" not in data and "model_type" in data:
         fmt, config, imported = _read_imported(directory / CONFIG_FILE, data, expected, exit_loop)
         with torch.device("meta"):  # no memory (nor random init) until the weights' dtype is known
             skeleton = fmt.model_class(config)
-        return imported.reader.load_weights(skeleton, directory, dtype=dtype, device=device)
+        model = imported.reader.load_weights(skeleton, directory, dtype=None if quantize else dtype, device=device)
+        return _quantized(model) if quantize else model
     fmt, config = read_config(directory, expected)
-    model = load_weights(fmt.model_class(config), directory, dtype=dtype or torch.float32, device=device)
+    stored = getattr(config, "quantization", None)
+    if stored is not None and dtype not in (None, torch.int8, torch.float32):
+        raise ModelLoadError(f"{directory} holds {stored} weights, which run with float32 activations; "
+                             f"load it without a dtype (or int8), not {str(dtype).replace('torch.', '')}")
+    float_dtype = torch.float32 if quantize or dtype is None else dtype
+    model = load_weights(fmt.model_class(config), directory, dtype=float_dtype, device=device)
+    if quantize and stored is None:
+        model = _quantized(model)
     if exit_loop is not None and exit_loop != config.exit_loop:
-        model.config = config.replace(exit_loop=exit_loop)
+        model.config = model.config.replace(exit_loop=exit_loop)
     return model
+
+
+def _quantized(model):
+    """``model`` in q8_0 (speedec.quant); a model that cannot be is a ModelLoadError."""
+    from .quant import quantize_model
+
+    try:
+        return quantize_model(model)
+    except ConfigError as exc:
+        raise ModelLoadError(f"cannot load the model as int8: {exc}") from None
 
 
 def _peek_config(directory: Path) -> Any:
@@ -316,6 +335,13 @@ def load_weights(model, directory: Path, *, dtype: torch.dtype, device: str | to
             raise ModelLoadError(
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config says "
                 f"{tuple(expected[name].shape)}")
+    if getattr(config, "quantization", None) is not None:
+        from .quant import check_q8_tensors, quantized_names
+
+        problem = check_q8_tensors(tensors, quantized_names(model), path)
+        if problem is not None:
+            raise ModelLoadError(problem)
+        model.requires_grad_(False)  # a quantized model is for inference
     model.load_state_dict(tensors)
     return model.to(dtype=dtype, device=device).eval()
 

@@ -40,3 +40,25 @@ def format_kernel_table(costs: dict[str, list[float]]) -> str:
     widths = [max(len(r[j]) for r in [cols, *rows]) for j in range(len(cols))]
     line = lambda r: "  ".join(v.rjust(w) for v, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(cols), "  ".join("-" * w for w in widths), *[line(r) for r in rows]])
+
+
+def compare_q8_paths(model: LoopedLM, max_rows: int, *, rounds: int = 3, repeats: int = 5,
+                     progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """:func:`compare_kernels` for a q8_0 model: median seconds per step with 1..max_rows
+    rows for every 8-bit kernel path this CPU runs (best first), interleaved round by round."""
+    from ..q8_kernels import usable_paths
+    from ..quant import q8_path, set_q8_path
+
+    chosen = q8_path(model)
+    paths = usable_paths() or ["torch"]
+    samples: dict[str, list[list[float]]] = {p: [] for p in paths}
+    try:
+        for r in range(rounds):
+            for path in paths:
+                if progress:
+                    progress(f"round {r + 1}/{rounds}: {path}")
+                set_q8_path(model, path)
+                samples[path].append(measure_step_costs(model, max_rows, repeats=repeats))
+    finally:
+        set_q8_path(model, None if chosen == "auto" else chosen)
+    return {path: [statistics.median(col) for col in zip(*runs)] for path, runs in samples.items()}

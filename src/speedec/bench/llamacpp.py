@@ -17,8 +17,12 @@ import torch
 
 from ..model import LoopedLM
 
-# Row name -> GGUF weight type.
-LLAMACPP_ROWS = {"llamacpp-f32": "f32", "llamacpp-f16": "f16", "llamacpp-q8_0": "q8_0"}
+# Row name -> GGUF weight type, with "looped-" for llama.cpp's looped llama (the K
+# unique blocks shared across L loops, speedec.gguf_export.LOOPED_ARCH) instead of
+# the K * L unrolled blocks.
+LLAMACPP_ROWS = {"llamacpp-f32": "f32", "llamacpp-f16": "f16", "llamacpp-q8_0": "q8_0",
+                 "llamacpp-looped-f32": "looped-f32", "llamacpp-looped-f16": "looped-f16",
+                 "llamacpp-looped-q8_0": "looped-q8_0"}
 SKIP_NOTE = ("llama_cpp (llama-cpp-python) is not installed: {rows} skipped "
              "(pip install 'speedec[llamacpp]')")
 
@@ -40,11 +44,15 @@ class LlamaCppPeer:
         from ..gguf_export import export_gguf
 
         self.dtype = dtype
-        self.path = export_gguf(model, Path(directory) / f"model-{dtype}.gguf", dtype=dtype)
+        looped = dtype.startswith("looped-")
+        weights = dtype.removeprefix("looped-")
+        self.path = export_gguf(model, Path(directory) / f"model-{dtype}.gguf", dtype=weights, looped=looped)
+        # What llama.cpp holds of the model: the file's tensors (memory-mapped).
+        self.file_bytes = self.path.stat().st_size
         threads = threads or torch.get_num_threads()
         # The KV cache in the weights' precision: llama.cpp's default f16 cache would make the
         # f32 row a different computation than ours (its logits then differ by ~1e-2, not ~1e-5).
-        cache_type = {"f32": GGML_TYPE_F32}.get(dtype, GGML_TYPE_F16)
+        cache_type = {"f32": GGML_TYPE_F32}.get(weights, GGML_TYPE_F16)
         self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=model.config.max_seq_len, n_threads=threads,
                                    n_threads_batch=threads, n_batch=model.config.max_seq_len, verbose=False,
                                    type_k=cache_type, type_v=cache_type)

@@ -19,7 +19,11 @@ def format_table(report: BenchReport) -> str:
     head = [
         f"preset {report.preset}: d_model {c['d_model']}, K={c['n_unique_layers']} L={c['n_loops']} "
         f"exit={c['exit_loop']}, vocab {c['vocab_size']}, {report.dtype}, {report.threads} threads"
-        + (f", kernel {report.machine['kernel']}" if report.machine.get("kernel") else ""),
+        + (f", kernel {report.machine['kernel']}" if report.machine.get("kernel") else "")
+        + (f" (q8_0: {report.machine['q8_kernel']})" if report.dtype == "q8_0" and report.machine.get("q8_kernel")
+           else ""),
+        f"cpu {report.machine.get('cpu', '?')}" + (f"; flags {' '.join(report.machine['cpu_flags'])}"
+                                                   if report.machine.get("cpu_flags") else ""),
         f"{report.prompts} prompts x {report.max_new_tokens} new tokens, {report.repeats} interleaved repeats"
         + (f"; memory: copy {bw.copy_gbps:.1f} GB/s (r+w), sum {bw.sum_gbps:.1f} GB/s, "
            f"stream {bw.stream_gbps:.1f} GB/s; floor uses {bw.read_gbps:.1f} GB/s" if bw else ""),

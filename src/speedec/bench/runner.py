@@ -104,11 +104,21 @@ class BenchReport:
 
 
 def weight_bytes(model: LoopedLM) -> tuple[int, int]:
-    """Bytes of the K unique layers, and of the LM head (final norm included)."""
-    layers = sum(p.numel() * p.element_size() for p in model.layers.parameters())
-    head = model.head_weight.numel() * model.head_weight.element_size()
-    head += sum(p.numel() * p.element_size() for p in model.norm.parameters())
+    """Bytes of the K unique layers, and of the LM head (final norm included); 8-bit
+    weights count their values and scales."""
+    def size(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    layers = size([*model.layers.parameters(), *model.layers.buffers()])
+    head_weight = model.head_weight
+    head = head_weight.nbytes if not isinstance(head_weight, torch.Tensor) else size([head_weight])
+    head += size(model.norm.parameters())
     return layers, head
+
+
+def weights_name(model: LoopedLM) -> str:
+    """The weights' format: the dtype (``float32``, ``bfloat16``) or the quantization (``q8_0``)."""
+    return getattr(model.config, "quantization", None) or str(model.dtype).replace("torch.", "")
 
 
 def bytes_per_token(spec: EngineSpec, model: LoopedLM, stats: GenerationStats | None, prompts: int,
@@ -118,15 +128,17 @@ def bytes_per_token(spec: EngineSpec, model: LoopedLM, stats: GenerationStats | 
     Ours: one read of the unique layers per step and of the head per LM-head
     call, plus prefill (the layers L times and the head once per prompt). HF
     generate: the exported model holds K*L separate layers, so every token
-    reads L copies of the layers and the head; so does llama.cpp on the f32
-    GGUF (other weight types: None).
+    reads L copies of the layers and the head; so does llama.cpp on the GGUF
+    of the model's own format (f32 for float32, q8_0 for q8_0; other weight
+    types: None).
     """
     layers, head = weight_bytes(model)
     n_loops = model.config.n_loops
     if spec.kind == "hf":
         return float(n_loops * layers + head) if spec.engine == "generate" else None
     if spec.kind == "llamacpp":
-        return float(n_loops * layers + head) if spec.engine == "f32" and model.dtype == torch.float32 else None
+        same = {"float32": "f32", "q8_0": "q8_0"}.get(weights_name(model)) == spec.engine.removeprefix("looped-")
+        return float(n_loops * layers + head) if same else None
     if stats is None or new_tokens == 0:
         return None
     prefill = prompts * (n_loops * layers + head)
@@ -209,7 +221,7 @@ def run_benchmark(model: LoopedLM, specs: list[EngineSpec], prompts: list[list[i
                        decode_peak_rss_bytes=peak_rss_bytes(), decode_peak_is_reset=peak_reset)
     summaries = [_summarise(s, records, model, len(prompts), bandwidth) for s in specs]
     return BenchReport(
-        preset=preset, config=model.config.to_dict(), dtype=str(model.dtype).replace("torch.", ""),
+        preset=preset, config=model.config.to_dict(), dtype=weights_name(model),
         threads=torch.get_num_threads(), max_new_tokens=max_new_tokens, prompts=len(prompts),
         prompt_len=len(prompts[0]), repeats=repeats, bandwidth=bandwidth, machine=machine_info(),
         engines=summaries, notes=[], memory=memory)
@@ -261,7 +273,9 @@ def machine_info() -> dict:
     except OSError:
         pass
     from ..kernels import active_kernel
+    from ..q8_kernels import best_path, cpu_flags
 
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            "kernel": active_kernel()}
+            "kernel": active_kernel(), "q8_kernel": best_path() or "torch", "cpu_flags": flags}

@@ -42,6 +42,10 @@ def build_model(preset_name: str, *, seed: int = 0, model_dir: str | Path | None
     config = preset(preset_name)
     if exit_loop is not None:
         config = config.replace(exit_loop=exit_loop)
+    if dtype == torch.int8:  # q8_0: the float32 model's weights, quantized
+        from ..quant import quantize_model
+
+        return quantize_model(random_model(config, seed=seed, residual_scale=residual_scale))
     return random_model(config, seed=seed, residual_scale=residual_scale, dtype=dtype or torch.float32)
 
 

@@ -78,7 +78,8 @@ def cli() -> None:
     """speedec: fast exact decoding for looped decoders with SPEED."""
 
 
-for command in (generate.generate, model.init, model.export_hf, model.export_gguf, bench.bench, bench.kernels,
+for command in (generate.generate, model.init, model.export_hf, model.export_gguf, model.quantize,
+                bench.bench, bench.kernels,
                 study.study, data.data):
     cli.add_command(command)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..bundled import resolve_model_dir
-from ..devices import DTYPES
+from ..devices import MODEL_DTYPES
 from ..kernels import FEW_ROWS
 from .common import (
     AT_LEAST_ONE,
@@ -84,7 +84,8 @@ def bench_rows(engines: str, draft_tokens: str) -> tuple[list, list[str]]:
               help="Comma-separated: speedec engines, speed variants (options joined by '+': "
                    "speed+correction, speed+guesses=2, speed+adaptive, speed+correction+guesses=2+adaptive), "
                    "hf-generate, hf-early-exit, llamacpp-f32, llamacpp-f16, llamacpp-q8_0 (llama.cpp on "
-                   "the GGUF export; skipped without llama-cpp-python).")
+                   "the GGUF export, K x L unrolled blocks), llamacpp-looped-f32/-f16/-q8_0 (llama.cpp's "
+                   "looped llama: K blocks shared by L loops); skipped without llama-cpp-python.")
 @click.option("--draft-tokens", default="1,2,3,4", show_default=True,
               help="k values for self-speculative (one row each).")
 @click.option("--prompts", "n_prompts", default=4, show_default=True, type=AT_LEAST_ONE)
@@ -101,9 +102,10 @@ def bench_rows(engines: str, draft_tokens: str) -> tuple[list, list[str]]:
 @click.option("--residual-scale", type=POSITIVE, default=None,
               help="Random presets: scale of the residual branches (for ouro-1.4b-shape the gain of "
                    "the sandwich norms on their outputs; sets the acceptance; default: the preset's).")
-@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16"]),
-              help="Weights' dtype, built directly in it (no float32 copy). Default: float32 for a "
-                   "preset, the checkpoint's own for --model.")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "int8"]),
+              help="Weights' dtype, built directly in it (no float32 copy); int8: q8_0, quantized from "
+                   "the float32 weights at load. Default: float32 for a preset, the checkpoint's own "
+                   "for --model.")
 @exit_loop_option
 def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, max_new_tokens, repeats,
           warmup, threads, seed, json_path, plots_dir, bandwidth_mb, residual_scale, dtype, exit_loop) -> None:
@@ -127,7 +129,7 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
     bandwidth = measure_bandwidth(buffer_mb=bandwidth_mb)
     reset_peak_rss()
     model = build_model(preset_name, seed=seed, model_dir=model_dir, residual_scale=residual_scale,
-                        exit_loop=exit_loop, dtype=DTYPES[dtype] if dtype else None)
+                        exit_loop=exit_loop, dtype=MODEL_DTYPES[dtype] if dtype else None)
     build_peak = peak_rss_bytes()
     if model.config.architecture != "llama" and any(s.kind in ("hf", "llamacpp") for s in specs):
         # The Hugging Face and llama.cpp peers run the model exported as a plain Llama.
@@ -153,6 +155,9 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
                                bandwidth=bandwidth, preset=label, progress=progress,
                                build_peak_rss_bytes=build_peak)
     report.notes.extend(notes)
+    for peer in (llamacpp_peers or {}).values():
+        report.notes.append(f"llama.cpp {peer.dtype}: model file {peer.file_bytes / 1e6:.1f} MB (memory-mapped; "
+                            f"speedec's model: {report.memory.model_bytes / 1e6:.1f} MB)")
     click.echo(format_table(report))
     click.echo(format_memory(report.memory, report.dtype))
     if json_path:
@@ -171,8 +176,10 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
 @click.option("--rounds", default=3, show_default=True, type=AT_LEAST_ONE, help="Interleaved rounds per kernel.")
 @click.option("--repeats", default=5, show_default=True, type=AT_LEAST_ONE,
               help="Steps timed per row count and round.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
-              help="Weights' dtype (bfloat16: the kernels' bf16 weight paths).")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "int8"]),
+              help="Weights' dtype (bfloat16: the kernels' bf16 weight paths; int8: q8_0, one row per "
+                   "8-bit kernel path this CPU runs).")
 @threads_option(2)
 def kernels(preset_name, model_dir, max_rows, rounds, repeats, dtype, threads) -> None:
     """Time one step (K layers) against the rows in flight, for each matmul kernel."""
@@ -181,8 +188,19 @@ def kernels(preset_name, model_dir, max_rows, rounds, repeats, dtype, threads) -
     from ..kernels import active_kernel, available_kernels, kernel_choice
 
     set_threads(threads)
-    model = build_model(preset_name, model_dir=_model_dir(preset_name, model_dir), dtype=DTYPES[dtype])
+    model = build_model(preset_name, model_dir=_model_dir(preset_name, model_dir), dtype=MODEL_DTYPES[dtype])
     click.echo(f"active kernel: {active_kernel()} (SPEEDEC_KERNEL={kernel_choice()}), weights {dtype}")
+    if model.config.quantization is not None:
+        from ..bench.kernels import compare_q8_paths
+        from ..q8_kernels import best_path, probe_report
+
+        click.echo("instruction sets: " + "; ".join(
+            f"{isa} {'yes' if ok else 'no'} ({why})" for isa, (ok, why) in probe_report().items()))
+        click.echo(f"q8_0 path: {best_path() or 'torch'} (SPEEDEC_Q8_KERNEL to force one)")
+        with progress_bar(rounds, "kernels", unit="round") as progress:
+            costs = compare_q8_paths(model, max_rows, rounds=rounds, repeats=repeats, progress=progress)
+        click.echo(format_kernel_table(costs))
+        return
     if dtype == "bfloat16":
         click.echo("(bf16: the onednn row runs W @ x.T, oneDNN's reordered weights being float32's)")
     with progress_bar(rounds * len(available_kernels()), "kernels", unit="round") as progress:

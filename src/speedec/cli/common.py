@@ -12,7 +12,7 @@ import click
 import torch
 
 from ..bundled import resolve_model_dir
-from ..devices import DTYPES, parse_device
+from ..devices import DTYPES, MODEL_DTYPES, parse_device
 from ..errors import GenerationError
 from ..kernels import prepare_kernel
 from ..model import LoopedLM
@@ -71,9 +71,10 @@ def set_threads(threads: int | None) -> None:
 dtype_option = click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
 # --dtype of the commands that load a decoder-only model: default the checkpoint's own.
 model_dtype_option = click.option(
-    "--dtype", default=None, type=click.Choice(list(DTYPES)),
+    "--dtype", default=None, type=click.Choice(list(MODEL_DTYPES)),
     help="Weights' dtype in memory (default: the checkpoint's own, e.g. bfloat16 for a bf16 "
-         "Hugging Face checkpoint; float32 for speedec's own models).")
+         "Hugging Face checkpoint, q8_0 for a quantized one; float32 for speedec's own models). "
+         "int8: quantize to q8_0 at load (see `speedec quantize`).")
 device_option = click.option("--device", default="cpu", show_default=True)
 
 
@@ -129,7 +130,7 @@ def load_model(model: str | None, dtype: str | None, device: str,
     """The model directory (the bundled model when None) and its model, kernel prepared;
     ``dtype`` None: the checkpoint's own; ``exit_loop`` replaces the model's early exit."""
     directory = resolve_model_dir(model)
-    loaded = LoopedLM.from_pretrained(directory, dtype=None if dtype is None else DTYPES[dtype],
+    loaded = LoopedLM.from_pretrained(directory, dtype=None if dtype is None else MODEL_DTYPES[dtype],
                                       device=parse_device(device), exit_loop=exit_loop)
     prepare_kernel(loaded)
     return directory, loaded

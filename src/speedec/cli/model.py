@@ -66,19 +66,86 @@ def export_hf(model_dir, out_dir) -> None:
 @click.command("export-gguf")
 @click.argument("model_dir")
 @click.argument("out_file")
-@click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
-              help="Weight type of the matrices (norms stay f32; q8_0 writes f16 where rows do not "
-                   "split into blocks of 32).")
-def export_gguf(model_dir, out_file, dtype) -> None:
-    """Write MODEL_DIR as a llama GGUF file (K*L layers) for llama.cpp, with its tokenizer."""
+@click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]), default=None,
+              help="Weight type of the matrices (default: q8_0 for a quantized model, which writes its own "
+                   "blocks, else f32; norms stay f32; q8_0 writes f16 where rows do not split into "
+                   "blocks of 32).")
+@click.option("--looped", is_flag=True,
+              help="llama.cpp's looped llama (architecture nanbeige: the K blocks once, run L times) "
+                   "instead of a plain llama with K x L blocks.")
+def export_gguf(model_dir, out_file, dtype, looped) -> None:
+    """Write MODEL_DIR as a llama GGUF file (K*L layers, or K shared by L loops with --looped) for
+    llama.cpp, with its tokenizer."""
     from ..gguf_export import check_exportable
     from ..gguf_export import export_gguf as export
     from ..tokenizer import TOKENIZER_FILE
 
     model = LoopedLM.from_pretrained(model_dir)
     check_exportable(model)
+    if dtype is None:
+        dtype = "q8_0" if model.config.quantization == "q8_0" else "f32"
     tokenizer = Path(model_dir) / TOKENIZER_FILE
     export(model, out_file, dtype=dtype, tokenizer_json=tokenizer if tokenizer.is_file() else None,
-           name=Path(model_dir).resolve().name)
+           name=Path(model_dir).resolve().name, looped=looped)
     vocab = "with its tokenizer" if tokenizer.is_file() else "no tokenizer (token ids only)"
-    click.echo(f"wrote {out_file} (llama, {model.config.n_virtual_layers} layers, {dtype}, {vocab})")
+    c = model.config
+    layout = (f"looped llama, {c.n_unique_layers} layers x {c.n_loops} loops" if looped
+              else f"llama, {c.n_virtual_layers} layers")
+    click.echo(f"wrote {out_file} ({layout}, {dtype}, {vocab})")
+
+
+# Files of a model directory besides its weights and config that a quantized copy keeps
+# (tokenizer, chat template, generation defaults, model card).
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "README.md")
+
+
+@click.command()
+@click.argument("model_dir")
+@click.argument("out_dir")
+@click.option("--dtype", type=click.Choice(["int8"]), default="int8", show_default=True,
+              help="int8: llama.cpp's q8_0 (blocks of 32 weights with a float16 scale) for every layer's "
+                   "projections and the LM head; norms and embeddings stay float32.")
+@click.option("--force", is_flag=True, help="Replace a model already in OUT_DIR.")
+def quantize(model_dir, out_dir, dtype, force) -> None:
+    """Write MODEL_DIR (a speedec model or an imported checkpoint) with 8-bit weights to OUT_DIR,
+    with its tokenizer and chat files; every command loads OUT_DIR as it is."""
+    import os
+    import shutil
+    import tempfile
+
+    from ..errors import ConfigError, ModelLoadError
+    from ..quant import quantize_model
+
+    source, out = Path(model_dir), Path(out_dir)
+    if out.resolve() == source.resolve():
+        raise click.UsageError("OUT_DIR must differ from MODEL_DIR")
+    if out.exists() and not force:
+        raise click.UsageError(f"{out} already exists; pass --force to replace it")
+    model = LoopedLM.from_pretrained(source)
+    if model.config.quantization is not None:
+        raise ConfigError(f"{source} is already quantized ({model.config.quantization})")
+    quantized = quantize_model(model)
+    del model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside OUT_DIR and moved in whole: an interrupted run leaves no half-written model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        quantized.save_pretrained(staging)
+        for name in COMPANION_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, staging / name)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    click.echo(f"wrote {out} (q8_0 weights, {size / 1e6:.1f} MB on disk)")

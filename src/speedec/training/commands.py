@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from ..cli.common import set_threads, threads_option
+from ..cli.common import model_dtype_option, set_threads, threads_option
 
 # Command-line options that override a field of the config file (option -> field).
 _OVERRIDES = ("out_dir", "max_steps", "max_tokens", "threads", "seed", "lr", "batch_size",
@@ -126,18 +126,22 @@ def train_command(config_file, resume, settings, no_progress, **options) -> None
               help="Validation windows scored per loop.")
 @click.option("--seq-len", default=256, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=int)
+@model_dtype_option
 @threads_option()
 def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_tokens, windows,
-                 seq_len, batch_size, threads) -> None:
+                 seq_len, batch_size, dtype, threads) -> None:
     """Per-loop perplexity, exit/final agreement and SPEED acceptance of a model."""
     from ..bundled import resolve_model_dir
+    from ..devices import MODEL_DTYPES
+    from ..kernels import prepare_kernel
     from ..model import LoopedLM
     from ..tokenizer import load_tokenizer
     from .evaluate import evaluate_model
 
     set_threads(threads)
     model_dir = resolve_model_dir(model_dir)
-    model = LoopedLM.from_pretrained(model_dir)
+    model = LoopedLM.from_pretrained(model_dir, dtype=None if dtype is None else MODEL_DTYPES[dtype])
+    prepare_kernel(model)
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     result = evaluate_model(model, tokenizer, data_file, seq_len=seq_len, windows=windows,
                             batch_size=batch_size, prompts=prompts, prompt_tokens=prompt_tokens,
