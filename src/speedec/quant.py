@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .kernels import FEW_ROWS
+from .q8_kernels import best_path, linear_q8
 
 # The quantization schemes a model config may name (ModelConfig.quantization).
 QUANTIZATIONS = ("q8_0",)
@@ -91,26 +93,32 @@ class Q8Weight(nn.Module):
         return dequantize_q8_0(self.qs, self.d)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import FEW_ROWS
-        from .q8_kernels import best_path, linear_q8
-
         if torch.is_grad_enabled() and x.requires_grad:
             raise ConfigError("a q8_0 model is for inference; train the float model and quantize it")
         path = self.path or best_path() or "torch"
         if x.device.type != "cpu":
             path = "torch"
         dtype = x.dtype
-        x = x.to(torch.float32)
-        x = (F.pad(x, (0, self.padding)) if self.padding else x).contiguous()
+        if dtype != torch.float32:
+            x = x.to(torch.float32)
+        if self.padding:
+            x = F.pad(x, (0, self.padding))
+        x = x.contiguous()
         rows = x.numel() // x.shape[-1]
         if rows <= FEW_ROWS:
-            out = linear_q8(x, self.qs, self.d, path)
+            out = self._product(x, path)
         else:  # prefill: chunks of FEW_ROWS rows, each row computed as it would be alone
             flat = x.reshape(rows, x.shape[-1])
-            out = torch.cat([linear_q8(flat[i:i + FEW_ROWS], self.qs, self.d, path)
-                             for i in range(0, rows, FEW_ROWS)])
+            out = torch.cat([self._product(flat[i:i + FEW_ROWS], path) for i in range(0, rows, FEW_ROWS)])
             out = out.reshape(*x.shape[:-1], self.qs.shape[0])
         return out if dtype == torch.float32 else out.to(dtype)
+
+    def _product(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        if path == "torch":
+            return linear_q8(x, self.qs, self.d, "torch")
+        # A kernel path: straight to the op (it checks its operands and that the path
+        # runs here); linear_q8's Python checks cost as much as a small model's product.
+        return torch.ops.speedec_q8.linear(x, self.qs, self.d, path)
 
     def _apply(self, fn, recurse: bool = True):
         # Model.to(dtype) casts floating buffers: the scales stay float16 and the
