@@ -152,6 +152,35 @@ def train_killed_after_step_3(monkeypatch, trainer_module, train_fn, config) -> 
     monkeypatch.undo()
 
 
+def serve_requests(model, requests, *, concurrency, jitter=0.0, seed=0, **options):
+    """Submit ``requests`` (ServeRequest) to a new Scheduler(model, **options) with at most
+    ``concurrency`` in flight, each after a random delay of up to ``jitter`` s; return the
+    tokens of each and the scheduler's metrics (it is shut down)."""
+    import random
+
+    from speedec.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(model, **options)
+    scheduler.start()
+    rng = random.Random(seed)
+    results = [None] * len(requests)
+    gate = threading.Semaphore(concurrency)
+
+    def one(i):
+        with gate:
+            time.sleep(rng.random() * jitter)
+            results[i] = scheduler.submit(requests[i]).result(timeout=120)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    metrics = scheduler.metrics()
+    assert scheduler.shutdown(5)
+    return results, metrics
+
+
 def wait_until(predicate, what: str, timeout_s: float = 60.0, poll_s: float = 0.01):
     """Wait for ``predicate()`` to hold; fail naming ``what`` after ``timeout_s``.
 

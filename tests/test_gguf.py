@@ -296,6 +296,18 @@ def test_looped_export_holds_the_unique_blocks_and_the_loop_count(tmp_path):
         assert torch.equal(undo_rope(name, array, config).float(), expected[name]), name
 
 
+def _llamacpp_logits(llama_cpp, path, prompt: list[int]):
+    """llama.cpp on the GGUF at ``path`` with an f32 KV cache (its default f16 cache moves
+    the logits by ~1e-2; f32 is the same computation as ours): the model and its
+    logits ``[len(prompt), V]`` for ``prompt``."""
+    from speedec.bench.llamacpp import GGML_TYPE_F32
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                          type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+    llm.eval(prompt)
+    return llm, torch.tensor(np.asarray(llm.scores[: len(prompt)]), dtype=torch.float32)
+
+
 @pytest.mark.parametrize("looped", [False, True])
 def test_llamacpp_logits_on_the_export_match_ours(tmp_path, looped):
     """Where llama.cpp is installed: its logits on a prompt, over our f32 GGUF export
@@ -303,19 +315,14 @@ def test_llamacpp_logits_on_the_export_match_ours(tmp_path, looped):
     and its greedy continuation is ours."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from speedec import generate
-    from speedec.bench.llamacpp import GGML_TYPE_F32
     from speedec.gguf_export import export_gguf
 
     config = small_config(vocab_size=96, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=96, n_unique_layers=2,
                           n_loops=3, exit_loop=1, max_seq_len=64)
     model = random_model(config, seed=4, std=0.3, residual_scale=1.0, dtype=torch.float32)
     path = export_gguf(model, tmp_path / "m.gguf", dtype="f32", looped=looped)
-    # With llama.cpp's default f16 KV cache the logits differ by ~1e-2; the f32 cache is the same computation.
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
-                          type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
     prompt = [5, 17, 3, 88, 41, 2, 9]
-    llm.eval(prompt)
-    theirs = torch.tensor(np.asarray(llm.scores[: len(prompt)]), dtype=torch.float32)
+    llm, theirs = _llamacpp_logits(llama_cpp, path, prompt)
     with torch.no_grad():
         ours = model(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-3)
@@ -334,18 +341,14 @@ def test_llamacpp_runs_our_q8_0_blocks_as_our_int8_model_does(tmp_path):
     float16 scale where speedec keeps float32), so the two agree closely, not exactly
     (logits within 2% of their range; greedy tokens may part at a near-tie)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from speedec.bench.llamacpp import GGML_TYPE_F32
     from speedec.quant import quantize_model
 
     config = small_config(vocab_size=96, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=96, n_unique_layers=2,
                           n_loops=3, exit_loop=1, max_seq_len=64)
     model = quantize_model(random_model(config, seed=4, std=0.3, residual_scale=1.0, dtype=torch.float32))
     path = export_gguf(model, tmp_path / "m.gguf", dtype="q8_0", looped=True)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
-                          type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
     prompt = [5, 17, 3, 88, 41, 2, 9]
-    llm.eval(prompt)
-    theirs = torch.tensor(np.asarray(llm.scores[: len(prompt)]), dtype=torch.float32)
+    _, theirs = _llamacpp_logits(llama_cpp, path, prompt)
     with torch.inference_mode():
         ours = model(torch.tensor([prompt])).logits[0]
     span = float(ours.max() - ours.min())

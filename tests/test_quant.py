@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import random_model, small_config
+from helpers import random_model, serve_requests, small_config
 from speedec import generate
 from speedec.cli import cli
 from speedec.config import ModelConfig
@@ -117,25 +117,12 @@ def test_int8_products_are_close_to_the_float_ones(q8_model):
 
 def test_server_is_exact_under_load_on_int8(q8_model):
     import random
-    import threading
 
-    from speedec.serve.scheduler import Scheduler, ServeRequest
+    from speedec.serve.scheduler import ServeRequest
 
     prompts = [[random.Random(i).randrange(96) for _ in range(1 + i % 9)] for i in range(8)]
-    scheduler = Scheduler(q8_model, max_rows=6, step_costs=[1.0] * 16)
-    scheduler.start()
-    results = [None] * len(prompts)
-
-    def one(i):
-        results[i] = scheduler.submit(ServeRequest(prompts[i], 30)).result(timeout=120)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    metrics = scheduler.metrics()
-    assert scheduler.shutdown(5)
+    results, metrics = serve_requests(q8_model, [ServeRequest(p, 30) for p in prompts], concurrency=8,
+                                      max_rows=6, step_costs=[1.0] * 16)
     for prompt, got in zip(prompts, results):
         assert got == generate(q8_model, prompt, 30, engine="autoregressive").tokens
     assert metrics["rows_total"] / metrics["steps_total"] > 1.5
@@ -339,7 +326,7 @@ def test_kernels_and_bench_commands_at_int8():
     code, out, err = run("kernels", "--preset", "tiny", "--dtype", "int8", "--max-rows", 2, "--rounds", 1,
                          "--repeats", 1, "--threads", 1)
     assert code == 0, err
-    assert "instruction sets: avx2" in out and "q8_0 path: " in out
+    assert "instruction sets: avx2" in out and "q8_0 path: " in out and "float paths here: " in out
     assert f"{PATHS[0]} ms" in out
     code, out, err = run("bench", "--preset", "tiny", "--dtype", "int8", "--engines", "autoregressive,speed",
                          "--repeats", 1, "--prompts", 1, "--max-new-tokens", 6, "--warmup", 0, "--threads", 1,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import Counter
 
 import pytest
 import torch
 
-from helpers import random_model, small_config
+from helpers import random_model, serve_requests, small_config
 from speedec import generate, kernels
 from speedec.engines import get_engine
 from speedec.engines.base import GenerationStats, Output, prefill
@@ -31,30 +30,6 @@ def _model(dtype=torch.float64, **overrides):
 def _prompts(n, vocab, seed=0):
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(rng.randint(1, 12))] for _ in range(n)]
-
-
-def _serve(model, requests, *, concurrency, jitter=0.0, seed=0, **options):
-    """Submit ``requests`` (ServeRequest) with at most ``concurrency`` in flight, each
-    after a random delay of up to ``jitter`` s; return the tokens of each."""
-    scheduler = Scheduler(model, **options)
-    scheduler.start()
-    rng = random.Random(seed)
-    results = [None] * len(requests)
-    gate = threading.Semaphore(concurrency)
-
-    def one(i):
-        with gate:
-            time.sleep(rng.random() * jitter)
-            results[i] = scheduler.submit(requests[i]).result(timeout=120)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    metrics = scheduler.metrics()
-    assert scheduler.shutdown(5)
-    return results, metrics
 
 
 def _start(model, prompt, n):
@@ -109,7 +84,7 @@ def test_greedy_output_is_independent_of_load_float64(engine, concurrency, max_r
     prompts = _prompts(12, 64)
     lengths = [random.Random(i).randint(1, 40) for i in range(12)]
     requests = [ServeRequest(p, n) for p, n in zip(prompts, lengths)]
-    results, metrics = _serve(model, requests, concurrency=concurrency, jitter=0.01, engine=engine,
+    results, metrics = serve_requests(model, requests, concurrency=concurrency, jitter=0.01, engine=engine,
                               max_rows=max_rows, step_costs=FLAT)
     for p, n, got in zip(prompts, lengths, results):
         assert got == generate(model, p, n, engine="autoregressive").tokens
@@ -128,7 +103,7 @@ def test_greedy_float32_equals_speed_alone_at_low_load_and_batches_rows():
     model = _model(torch.float32)
     prompts = _prompts(6, 64, seed=2)
     requests = [ServeRequest(p, 30) for p in prompts]
-    results, metrics = _serve(model, requests, concurrency=3, step_costs=FLAT)
+    results, metrics = serve_requests(model, requests, concurrency=3, step_costs=FLAT)
     for p, got in zip(prompts, results):
         assert got == generate(model, p, 30, engine="speed").tokens
     assert metrics["rows_total"] / metrics["steps_total"] > 1.5
@@ -141,7 +116,7 @@ def test_greedy_float32_is_exact_under_load_with_the_fused_kernels():
     speed engine's tokens alone, and those are the autoregressive engine's, bit for bit."""
     model = _model(torch.float32)
     prompts = _prompts(10, 64, seed=4)
-    results, metrics = _serve(model, [ServeRequest(p, 30) for p in prompts], concurrency=8, jitter=0.005,
+    results, metrics = serve_requests(model, [ServeRequest(p, 30) for p in prompts], concurrency=8, jitter=0.005,
                               max_rows=4, step_costs=FLAT)
     for p, got in zip(prompts, results):
         assert got == generate(model, p, 30, engine="speed").tokens == generate(
@@ -154,9 +129,9 @@ def test_seeded_sampling_is_independent_of_load():
     model = _model()
     prompt = [3, 1, 4, 1, 5]
     sampling = SamplingParams(temperature=1.0, top_k=20, seed=123)
-    alone, _ = _serve(model, [ServeRequest(prompt, 40, sampling)], concurrency=1, step_costs=FLAT)
+    alone, _ = serve_requests(model, [ServeRequest(prompt, 40, sampling)], concurrency=1, step_costs=FLAT)
     others = [ServeRequest(p, 30, SamplingParams(temperature=0.7, seed=i)) for i, p in enumerate(_prompts(7, 64))]
-    loaded, _ = _serve(model, [*others[:3], ServeRequest(prompt, 40, sampling), *others[3:]], concurrency=8,
+    loaded, _ = serve_requests(model, [*others[:3], ServeRequest(prompt, 40, sampling), *others[3:]], concurrency=8,
                        max_rows=5, step_costs=FLAT)
     assert loaded[3] == alone[0]
     greedy = generate(model, prompt, 40, engine="autoregressive").tokens
@@ -366,9 +341,9 @@ def test_guesses_stop_where_rows_are_dear():
     model = _model()
     dear = [1.0] + [100.0] * 15
     requests = [ServeRequest([5, 6, 7], 60)]
-    results, metrics = _serve(model, requests, concurrency=1, max_rows=16, step_costs=dear)
+    results, metrics = serve_requests(model, requests, concurrency=1, max_rows=16, step_costs=dear)
     assert 0 < metrics["drafts_launched"] <= 60 / 8 + 1
-    cheap_results, cheap = _serve(model, requests, concurrency=1, step_costs=FLAT)
+    cheap_results, cheap = serve_requests(model, requests, concurrency=1, step_costs=FLAT)
     assert cheap["drafts_launched"] > 3 * metrics["drafts_launched"]
     assert results == cheap_results
 
@@ -413,7 +388,7 @@ def test_a_full_server_reads_no_exit_and_launches_no_guess(monkeypatch):
         return step
 
     monkeypatch.setattr(pipeline_module.Pipeline, "plan", plan)
-    results, metrics = _serve(model, [ServeRequest(p, 20) for p in _prompts(3, 64)], concurrency=3,
+    results, metrics = serve_requests(model, [ServeRequest(p, 20) for p in _prompts(3, 64)], concurrency=3,
                               max_rows=1, step_costs=FLAT)
     assert sum(exits) == 0 and metrics["drafts_launched"] == 0 and len(exits) > 0
     assert results == [generate(model, p, 20, engine="autoregressive").tokens for p in _prompts(3, 64)]

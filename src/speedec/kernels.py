@@ -192,6 +192,16 @@ def avx512_kernel_available() -> bool:
     return _AVX512_PROBE == ""
 
 
+def float_paths_report() -> str:
+    """One line: which float32/bf16 few-row paths run here and why (for ``speedec kernels``)."""
+    if not avx2_kernel_available():
+        return f"few-row kernels unavailable: {_AVX2_ERROR}"
+    if not avx512_kernel_available():
+        return f"avx2 (probed); avx512 not used: {_AVX512_ERROR}"
+    dot = "vdpbf16ps (AVX512_BF16 ran)" if avx512_bf16_dot_available() else "widened to float32"
+    return f"avx512 (AVX-512 F/BW/VL ran) and avx2; bf16 rows x bf16 weights: {dot}"
+
+
 def avx512_bf16_dot_available() -> bool:
     """Whether the AVX-512 kernel multiplies bf16 rows by bf16 weights with
     vdpbf16ps (AVX512_BF16 probed as :func:`avx512_kernel_available` probes

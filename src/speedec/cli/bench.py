@@ -185,11 +185,12 @@ def kernels(preset_name, model_dir, max_rows, rounds, repeats, dtype, threads) -
     """Time one step (K layers) against the rows in flight, for each matmul kernel."""
     from ..bench.kernels import compare_kernels, format_kernel_table
     from ..bench.setup import build_model
-    from ..kernels import active_kernel, available_kernels, kernel_choice
+    from ..kernels import active_kernel, available_kernels, float_paths_report, kernel_choice
 
     set_threads(threads)
     model = build_model(preset_name, model_dir=_model_dir(preset_name, model_dir), dtype=MODEL_DTYPES[dtype])
     click.echo(f"active kernel: {active_kernel()} (SPEEDEC_KERNEL={kernel_choice()}), weights {dtype}")
+    click.echo(f"float paths here: {float_paths_report()}")
     if model.config.quantization is not None:
         from ..bench.kernels import compare_q8_paths
         from ..q8_kernels import best_path, probe_report
