@@ -155,10 +155,11 @@ def test_kernels_cli_times_every_available_kernel():
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith("active kernel: ")
-    header = lines[1].split()
+    assert lines[1].startswith("float paths here: ")  # which paths run, and why
+    header = lines[2].split()
     for name in available_kernels():
         assert name in header[1:]
-    rows = lines[3:]
+    rows = lines[4:]
     assert [r.split()[0] for r in rows] == ["1", "2", "3"]
     for r in rows:  # (>= 0: a loaded machine's timer can round a tiny step's ratio to 0.00x)
         assert all(float(v.rstrip("x")) >= 0 for v in r.split()[1:])
