@@ -273,7 +273,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, kernel: str | None = None) -> 
     A :func:`use_kernel` block overrides either.
     """
     if not isinstance(weight, torch.Tensor):  # 8-bit weights (speedec.quant.Q8Weight) multiply themselves
-        return weight(x)
+        return weight.forward(x)  # (no module hooks on the decoding path)
     rows = x.numel() // x.shape[-1]
     if rows > FEW_ROWS or torch.is_grad_enabled():
         return F.linear(x, weight)
@@ -349,12 +349,9 @@ def prepare_kernel(model) -> None:
         model.set_kernel(active_kernel())
     if getattr(model.config, "quantization", None) is not None:
         from .q8_kernels import best_path
-        from .quant import Q8Weight
+        from .quant import set_q8_path
 
-        path = (best_path() or "torch") if model.device.type == "cpu" else "torch"
-        for module in model.modules():
-            if isinstance(module, Q8Weight):
-                module.path = path
+        set_q8_path(model, (best_path() or "torch") if model.device.type == "cpu" else "torch")
 
 
 def available_kernels() -> list[str]:

@@ -95,7 +95,9 @@ class Q8Weight(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise ConfigError("a q8_0 model is for inference; train the float model and quantize it")
-        path = self.path or best_path() or "torch"
+        if self.path is None:  # no model's choice yet: this CPU's best, resolved once
+            self.path = best_path() or "torch"
+        path = self.path
         if x.device.type != "cpu":
             path = "torch"
         dtype = x.dtype
@@ -135,12 +137,8 @@ class Q8Weight(nn.Module):
 
 
 def quantized_names(model) -> list[str]:
-    """The names of the weights of ``model`` that q8_0 stores in 8 bits (its
-    layers' projections and the LM head), in state-dict order."""
-    names = []
-    for i, _ in enumerate(model.layers):
-        names += [f"layers.{i}.{w}" for w in ("wqkv", "wo", "w_gate_up", "w_down")]
-    return names + ["lm_head"]
+    """The names of ``model``'s 8-bit weights (:class:`Q8Weight` modules), in state-dict order."""
+    return [name for name, module in model.named_modules() if isinstance(module, Q8Weight)]
 
 
 def quantize_model(model):
@@ -159,7 +157,7 @@ def quantize_model(model):
     source = model.state_dict()
     if config.tie_embeddings:
         source["lm_head"] = source["embed.weight"]
-    targets = set(quantized_names(model))
+    targets = set(quantized_names(quantized))
     state = {}
     with torch.no_grad():
         for name in quantized.state_dict():
