@@ -1,5 +1,5 @@
 #!/bin/bash
-# The sixth session's extra depth-study runs (BENCHMARKS.md, "Depth that pays: Sixth session"),
+# The extra depth-study runs on host 6 (benchmarks/results/depth-study.md, "Host 6"),
 # as run on a GPU machine: train the configs/depth/<run>.json named in $RUNS in parallel on one
 # card, evaluate each final model on the CPU (validation and test), and pack the models and logs
 # into $OUT (one tar per model, without its tokenizer, plus meta.tar.gz).

@@ -6,7 +6,7 @@ with both models (teacher forcing) and report, over the generated positions,
 how often the int8 model's argmax equals the float32 model's, and the share of
 free-running int8 tokens equal to the float32 ones up to the first difference.
 
-    python benchmarks/q8_agreement.py --preset membound --prompts 8 --new-tokens 64 --json out.json
+    python benchmarks/q8_agreement.py --preset membound --prompts 8 --new-tokens 64 --json benchmarks/results/q8-agreement-membound.json
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 # are skipped with a note.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=benchmarks
+out=benchmarks/results
 grep -m1 "model name" /proc/cpuinfo
 grep -o -E 'avx512[a-z_0-9]*|amx[a-z_0-9]*|avx_vnni|avx2' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
 

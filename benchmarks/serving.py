@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help="Tokens per request (default 64).")
     parser.add_argument("--preset", default="membound", help="Model preset (default membound).")
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help="Where serving.json and serving.png go (default benchmarks/; with --quick "
+                        help="Where serving.json and serving.png go (default benchmarks/results/; with --quick "
                              "WORK_DIR/quick).")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "serving",
                         help="Models and server logs (default runs/serving).")
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         args.preset, args.levels, args.requests, args.max_tokens = "tiny", [1, 2], 4, 8
     if args.requests < 1 or args.max_tokens < 2:
         parser.error("--requests must be >= 1 and --max-tokens >= 2")
-    out_dir = args.out_dir or (args.work_dir / "quick" if args.quick else ROOT / "benchmarks")
+    out_dir = args.out_dir or (args.work_dir / "quick" if args.quick else ROOT / "benchmarks" / "results")
     exit_on_sigterm()
     try:
         document = run(args)

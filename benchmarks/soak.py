@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "soak",
                         help="Where the model and the server log go (default runs/soak).")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON summary (default benchmarks/soak.json; with --quick WORK_DIR/soak-quick.json).")
+                        help="JSON summary (default benchmarks/results/soak.json; with --quick WORK_DIR/soak-quick.json).")
     parser.add_argument("--rss-interval", type=float, default=None, help="Seconds between RSS samples (default 5).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the traffic mix.")
     parser.add_argument("--quick", action="store_true", help="Tiny preset, 20 s: to try the plumbing.")
@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         args.preset, args.duration = "tiny", min(args.duration, 20.0)
     if args.duration <= 0 or args.concurrency < 1:
         parser.error("--duration must be > 0 and --concurrency >= 1")
-    out = args.out or (args.work_dir / "soak-quick.json" if args.quick else ROOT / "benchmarks" / "soak.json")
+    out = args.out or (args.work_dir / "soak-quick.json" if args.quick else ROOT / "benchmarks" / "results" / "soak.json")
     interval = args.rss_interval or (1.0 if args.duration < 120 else 5.0)
     exit_on_sigterm()
     try:

@@ -294,3 +294,215 @@ def test_bench_cli_bf16_reports_memory(tmp_path):
     assert memory["build_peak_rss_bytes"] > 0
     assert [e["engine"] for e in data["engines"]][:2] == ["autoregressive", "speed"]
     assert "memory: model " in result.stdout and "while decoding" in result.stdout
+
+
+# --------------------------------------------------- the nanbeige-4.2-3b-shape preset
+
+NANBEIGE_SHAPE = "nanbeige-4.2-3b-shape"
+
+
+def test_nanbeige_shape_preset_has_nanbeige_4_2_3b_shapes():
+    """Its config (never built here: 16.7 GB float32): Nanbeige4.2-3B's shapes, the
+    parameter count from the model laid out on the meta device."""
+    from speedec.config import PRESET_RESIDUAL_SCALE
+
+    c = PRESETS[NANBEIGE_SHAPE]
+    assert (c.vocab_size, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.n_unique_layers,
+            c.n_loops, c.exit_loop) == (166144, 3072, 48, 8, 128, 10752, 22, 2, 1)
+    assert c.attention_head_dim == 128 and c.n_heads * c.head_dim != c.d_model  # q and o are not square
+    assert c.architecture == "nanbeige" and c.skip_loop_final_norm is False and c.loop_norm
+    assert c.tie_embeddings is False and c.max_seq_len == 4096
+    assert (c.rope_theta, c.norm_eps) == (7e7, 1e-5)
+    assert 0 < PRESET_RESIDUAL_SCALE[NANBEIGE_SHAPE] < 1
+    D, F, V, K, hd = c.d_model, c.ffn_dim, c.vocab_size, c.n_unique_layers, c.head_dim
+    per_layer = (c.n_heads + 2 * c.n_kv_heads) * hd * D + c.n_heads * hd * D + 3 * F * D + 2 * D
+    expected = K * per_layer + 2 * V * D + D  # + embedding, untied head, final norm
+    with torch.device("meta"):
+        skeleton = LoopedLM(c)
+    assert sum(p.numel() for p in skeleton.parameters()) == expected
+    assert 4.1e9 < expected < 4.2e9
+
+
+def _nanbeige_small(**changes):
+    """The nanbeige-4.2-3b-shape preset scaled down (same architecture and code path:
+    heads wider than d_model / n_heads, GQA, the loop norm)."""
+    base = dict(vocab_size=300, d_model=64, n_heads=4, n_kv_heads=2, attention_head_dim=32, ffn_dim=96,
+                n_unique_layers=2, max_seq_len=64)
+    base.update(changes)
+    return PRESETS[NANBEIGE_SHAPE].replace(**base)
+
+
+@pytest.fixture
+def small_nanbeige_preset(monkeypatch):
+    """The small nanbeige shape registered as a preset, with a scale of its own."""
+    from speedec.config import PRESET_RESIDUAL_SCALE
+
+    monkeypatch.setitem(PRESETS, "nanbeige-small", _nanbeige_small())
+    monkeypatch.setitem(PRESET_RESIDUAL_SCALE, "nanbeige-small", 0.5)
+    return "nanbeige-small"
+
+
+def test_nanbeige_builds_in_bf16_as_looped_lm_random(small_nanbeige_preset):
+    from speedec.bench.setup import build_model
+
+    model = build_model(small_nanbeige_preset, seed=3, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.config.loop_norm
+    reference = LoopedLM.random(PRESETS[small_nanbeige_preset], seed=3, residual_scale=0.5)
+    assert torch.equal(model.rope, reference.rope)  # the constructor's rotary table (float32 for nanbeige)
+    ref_state = reference.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ref_state[name].to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "membound", "nanbeige-small"])
+def test_int8_build_is_the_quantized_float32_model_without_it(preset_name, small_nanbeige_preset, monkeypatch):
+    """build_model(dtype=int8) draws each 8-bit matrix in float32 and quantizes it at once:
+    the same model, bit for bit (so the same tokens), as quantize_model of the float32
+    model, which it never makes (tiny: tied head; membound, nanbeige: untied)."""
+    import speedec.bench.setup as setup
+    from speedec.quant import quantize_model
+
+    expected = quantize_model(setup.build_model(preset_name, seed=2))
+    real_random_model = setup.random_model
+
+    def no_float_model(*args, **kwargs):
+        raise AssertionError("the int8 build made the float model")
+
+    monkeypatch.setattr(setup, "random_model", no_float_model)
+    model = setup.build_model(preset_name, seed=2, dtype=torch.int8)
+    monkeypatch.setattr(setup, "random_model", real_random_model)
+    assert model.config == expected.config and model.config.quantization == "q8_0"
+    got, want = model.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    assert torch.equal(model.rope, expected.rope)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    if preset_name != "membound":  # (membound's 100M parameters: the weights' equality says it)
+        prompt = [5, 9, 2, 7]
+        assert (generate(model, prompt, 8, engine="autoregressive").tokens
+                == generate(expected, prompt, 8, engine="autoregressive").tokens)
+
+
+def test_fast_q8_0_quantization_is_the_reference_bit_for_bit():
+    """The build's float32-only quantizer against quantize_q8_0 (float64 rounding): random
+    blocks at several magnitudes, exact ties (x.5 rounds away from zero), zero blocks and
+    values a float32 step below a tie."""
+    from speedec.bench.setup import quantize_q8_0_fast
+    from speedec.q8_kernels import quantize_q8_0
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.cat([torch.randn(64, 96, generator=g) * 10.0 ** e for e in range(-4, 3)])
+    ties = torch.tensor([127.0, 2.5, -3.5, 0.5, -0.5, 126.5, -126.5, 1.4999999, 0.49999997, -0.49999997] * 3
+                        + [0.0, 64.5])
+    w = torch.cat([w, torch.stack([ties, torch.zeros(32), -ties])[:, :32].repeat(1, 3)])
+    qs, d = quantize_q8_0(w)
+    fast_qs, fast_d = quantize_q8_0_fast(w)
+    assert torch.equal(fast_qs, qs) and torch.equal(fast_d, d)
+    assert qs[-3, 1:4].tolist() == [3, -4, 1]  # d = 1: the ties themselves
+
+
+def test_nanbeige_shape_preset_defaults_to_autoregressive_and_speed():
+    from speedec.cli.bench import bench_rows, default_engines
+
+    assert default_engines(NANBEIGE_SHAPE, None) == "autoregressive,speed"
+    specs, _ = bench_rows(default_engines(NANBEIGE_SHAPE, None), "1")
+    assert [s.label for s in specs] == ["autoregressive", "speed"]
+    assert NANBEIGE_SHAPE in CliRunner().invoke(cli, ["bench", "--help"]).output
+
+
+def test_peer_rows_by_architecture():
+    """transformers' peers only for llama models; llama.cpp's for what GGUF holds (llama,
+    nanbeige in llama.cpp's nanbeige architecture), not ouro."""
+    from speedec.cli.bench import peer_rows
+
+    specs = [EngineSpec("autoregressive", "ours", "autoregressive"), EngineSpec("hf-generate", "hf", "generate"),
+             EngineSpec("llamacpp-f16", "llamacpp", "f16")]
+    llama = LoopedLM.random(PRESETS["tiny"])
+    assert peer_rows(llama, specs) == (specs, [])
+    kept, notes = peer_rows(LoopedLM.random(_nanbeige_small()), specs)
+    assert [s.label for s in kept] == ["autoregressive", "llamacpp-f16"]
+    assert notes == ["the Hugging Face peers are transformers Llama exports: skipped for a nanbeige model"]
+    kept, notes = peer_rows(LoopedLM.random(_ouro_small()), specs)
+    assert [s.label for s in kept] == ["autoregressive"]
+    assert len(notes) == 2 and "ouro model" in notes[1]
+
+
+def test_rows_report_their_model_bytes_and_peak_rss(tiny):
+    from speedec.bench.memory import model_bytes, reset_peak_rss
+
+    report = run_benchmark(tiny, [EngineSpec("speed", "ours", "speed")], [[1, 2, 3]], max_new_tokens=6,
+                           repeats=2, warmup=0)
+    for row in report.engines:
+        assert row.model_bytes == model_bytes(tiny)
+        if reset_peak_rss():
+            assert row.peak_rss_bytes >= report.memory.model_bytes
+            assert row.peak_rss_bytes <= report.memory.decode_peak_rss_bytes
+    table = format_table(report)
+    assert "peak RSS" in table.splitlines()[4] and "note: model: the weights a row decodes with" in table
+
+
+def test_llamacpp_peers_check_the_disk_first(monkeypatch, tmp_path):
+    import shutil
+
+    import speedec.bench.llamacpp as peer
+    from speedec.errors import SpeedecError
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(peer.shutil, "disk_usage", lambda path: usage._replace(free=10**9))
+    peer.check_disk(tmp_path, 10**8)  # 0.1 GB of files, 1 GB free: enough
+    with pytest.raises(SpeedecError, match=r"need 2.0 GB of GGUF files but .* has 1.0 GB free; point TMPDIR"):
+        peer.check_disk(tmp_path, 2 * 10**9)
+
+
+def test_bench_runs_llamacpp_on_a_nanbeige_model(tmp_path, monkeypatch, small_nanbeige_preset):
+    """Where llama.cpp is installed: a nanbeige model's llama.cpp rows run its nanbeige-arch
+    GGUF in a worker process; the transformers rows are dropped with a note; every row has
+    its model bytes and peak RSS; the GGUF files are deleted. (That llama.cpp's tokens on
+    the f32 export are ours is test_gguf's, with the decisions' margins asserted: this
+    preset's std-0.02 random weights make near-ties, so it is not asserted here.)"""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(cli, ["bench", "--preset", small_nanbeige_preset, "--engines",
+                                      "autoregressive,speed,hf-generate,llamacpp-f32,llamacpp-q8_0",
+                                      "--repeats", "1", "--warmup", "0", "--prompts", "2", "--prompt-len", "4",
+                                      "--max-new-tokens", "6", "--threads", "1", "--bandwidth-mb", "8",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    rows = {e["engine"]: e for e in data["engines"]}
+    assert list(rows) == ["autoregressive", "speed", "llamacpp-f32", "llamacpp-q8_0"]
+    assert rows["llamacpp-f32"]["matches_autoregressive"] is not None
+    for row in rows.values():
+        assert row["model_bytes"] > 0 and row["peak_rss_bytes"] > 0
+    assert rows["llamacpp-q8_0"]["model_bytes"] < rows["llamacpp-f32"]["model_bytes"]
+    assert data["residual_scale"] == 0.5
+    assert "Hugging Face peers are transformers Llama exports: skipped for a nanbeige model" in result.stdout
+    assert "model-f32.gguf" in result.stdout
+    assert list(scratch.iterdir()) == []  # the GGUF files are gone
+
+
+def test_llamacpp_worker_death_is_an_error(tmp_path):
+    """Where llama.cpp is installed: a worker that ended is reported, not waited on."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    from speedec.bench.llamacpp import load_llamacpp_peers
+    from speedec.errors import SpeedecError
+
+    model = LoopedLM.random(_nanbeige_small(), seed=1)
+    with load_llamacpp_peers(model, ["f32"], threads=1) as peers:
+        peer = peers["f32"]
+        tokens, seconds, _ = peer.run([1, 2, 3], 4)
+        assert len(tokens) == 4 and seconds > 0 and peer.peak_rss_bytes > peer.file_bytes
+        directory = peer.path.parent
+        peer._process.kill()
+        peer._process.wait()
+        with pytest.raises(SpeedecError, match="llama.cpp worker for model-f32.gguf ended"):
+            peer.run([1, 2, 3], 4)
+    assert not directory.exists()

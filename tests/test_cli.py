@@ -102,3 +102,22 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
     proc = subprocess.run([sys.executable, "-m", "speedec.cli", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "speedec" in proc.stdout
+
+
+def test_generate_prints_the_prompt_then_a_stats_line(tiny):
+    """stdout: the prompt and its continuation; stderr: one line of tokens/s, steps per
+    token and acceptance (none with --quiet, whose stdout is the same)."""
+    code, stdout, err = run("generate", "--model", tiny, "Hello", "--max-new-tokens", 12)
+    assert code == 0 and stdout.startswith("Hello") and len(stdout) > len("Hello\n")
+    assert err.count("\n") == 1 and err.startswith("speed: 12 tokens, ")
+    assert "tokens/s" in err and "steps/token" in err and "of drafts accepted" in err
+    code, quiet, err = run("generate", "--model", tiny, "Hello", "--max-new-tokens", 12, "--quiet")
+    assert code == 0 and quiet == stdout and err == ""
+    code, _, err = run("generate", "--model", tiny, "Hello", "--max-new-tokens", 12, "--engine", "autoregressive")
+    assert code == 0 and err.startswith("autoregressive: 12 tokens, ") and err.endswith("no drafts\n")
+    # --prompt-ids prints the continuation alone, as text when there is a tokenizer
+    code, ids_out, _ = run("generate", "--model", tiny, "--prompt-ids", "72,101,108,108,111", "--max-new-tokens", 12)
+    assert code == 0 and stdout == "Hello" + ids_out
+    # --json: one JSON object on stdout and no stats line
+    code, stdout, err = run("generate", "--model", tiny, "Hello", "--max-new-tokens", 12, "--json")
+    assert code == 0 and json.loads(stdout)["stats"]["new_tokens"] == 12 and err == ""

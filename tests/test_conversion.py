@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from speedec import PRESETS, ConfigError, LoopedLM, ModelLoadError
-from speedec.hf import LlamaConversion, export_hf
+from speedec.architectures.llama import LlamaConversion
+from speedec.hf import export_hf
 from speedec.storage import WEIGHTS_FILE
 
 TINY = PRESETS["tiny"]

@@ -242,7 +242,7 @@ def test_adaptive_policy_stops_guessing_when_rows_are_expensive():
 
 
 def test_speculation_policy_cost_model():
-    from speedec.engines.speed import SpeculationPolicy
+    from speedec.engines.policy import SpeculationPolicy
 
     policy = SpeculationPolicy(4, 1, [1.0, 1.2, 1.4, 1.6])
     assert policy.expected_cost(0) == 4.0
@@ -256,7 +256,7 @@ def test_speculation_policy_cost_model():
 
 
 def test_speculation_policy_chooses_spares_when_they_pay():
-    from speedec.engines.speed import SpeculationPolicy
+    from speedec.engines.policy import SpeculationPolicy
 
     # L=4, e=1: depth 4; 2 guesses -> 7 rows. The second candidate is always right.
     policy = SpeculationPolicy(4, 1, [1.0, 1.0, 1.0, 1.0, 1.05, 1.1, 1.15], max_guesses=2)
@@ -509,7 +509,7 @@ def test_plan_advance_by_hand_reproduces_generate(case):
 def test_pipelines_of_several_requests_advance_independently():
     """A scheduler's shape: plan every request, run, advance each, requests
     joining and finishing at different steps; each gets generate's tokens."""
-    from speedec.engines.pipeline import run_step
+    from speedec.engines.step import run_step
 
     model = random_model(small_config(n_loops=4, exit_loop=1, exit_readout_rank=4), seed=7)
     requests = [([1, 2, 3], 25, {"guesses": 2}), ([7], 12, {"early_correction": True}), ([5, 5], 18, {})]
@@ -534,7 +534,7 @@ def test_adaptive_policy_learns_only_what_sampled_draws_say():
     """Greedy, a guess's candidates are the exit's ranking, so a verification
     teaches every a_b. Sampling, they are the tokens drawn: one draw says
     nothing of a second, and a_2 must not be dragged down by single draws."""
-    from speedec.engines.speed import SpeculationPolicy
+    from speedec.engines.policy import SpeculationPolicy
 
     policy = SpeculationPolicy(4, 1, [1.0] * 7, max_guesses=2)
     for _ in range(200):
@@ -612,7 +612,7 @@ def test_adaptive_depth_never_costs_more_than_the_fixed_pipeline(n_loops, exit_l
 
 
 def test_speculation_policy_trims_spares_at_the_rows_in_flight():
-    from speedec.engines.speed import SpeculationPolicy
+    from speedec.engines.policy import SpeculationPolicy
 
     # L=4, e=1, two candidates; the second always right. Full pipelines: 4 rows
     # (one candidate) cost 1.0, 7 rows (two) 1.1: two pay for the pipeline...

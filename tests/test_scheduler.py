@@ -13,10 +13,12 @@ from helpers import random_model, serve_requests, small_config
 from speedec import generate, kernels
 from speedec.engines import get_engine
 from speedec.engines.base import GenerationStats, Output, prefill
+from speedec.engines.step import run_steps
 from speedec.errors import ConfigError, GenerationError
 from speedec.sampling import Sampler, SamplingParams
 from speedec.serve.keyed import KeyedSampling, position_seed
-from speedec.serve.scheduler import QueueFull, Scheduler, ServeRequest, ShuttingDown, best_rows, run_steps
+from speedec.serve.requests import QueueFull, ServeRequest, ShuttingDown
+from speedec.serve.scheduler import Scheduler, best_rows
 
 FLAT = [1.0] * 16  # step costs: every row count costs the same (guesses always pay)
 
@@ -44,7 +46,7 @@ def _start(model, prompt, n):
 def test_run_steps_equals_each_plan_run_alone():
     """One batched step over several requests' plans (spares, exit readout and loop
     embedding included) gives each plan bit for bit what run_step gives it alone."""
-    from speedec.engines.pipeline import run_step
+    from speedec.engines.step import run_step
 
     model = _model(torch.float32, exit_readout_rank=4, loop_embedding=True)
     # At most 7 + 4 + 4 rows: within the batch-invariant kernel's 16.

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from helpers import wait_until
 from speedec.errors import GenerationError
 from speedec.serve.app import TextStream, chat_renderer, create_app, prometheus_text
-from speedec.serve.scheduler import QueueFull, ShuttingDown
+from speedec.serve.requests import QueueFull, ShuttingDown
 from speedec.tokenizer import ByteTokenizer, load_tokenizer
 
 OURO = Path(__file__).parent / "data" / "ouro-tiny"
@@ -613,3 +613,95 @@ def test_no_field_value_crashes_the_server():
                 assert response.status_code in (200, 400, 404), (path, name, value, response.text)
                 if response.status_code != 200:
                     error_of(response, response.status_code)
+
+
+# ----------------------------------------------------------------------------- validation by pydantic
+
+@pytest.mark.parametrize("path,body,param,message", [
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens", "max_tokens must be an integer >= 1, got 0"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": True}, "max_tokens",
+     "max_tokens must be an integer >= 1, got True"),
+    ("/v1/completions", {"prompt": "a", "temperature": "hot"}, "temperature",
+     "temperature must be a finite number >= 0, got 'hot'"),
+    ("/v1/completions", {"prompt": "a", "seed": 2 ** 64}, "seed",
+     f"seed must be an integer in [-2**63, 2**64), got {2 ** 64}"),
+    ("/v1/completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop",
+     "stop may hold at most 4 strings, got 5"),
+    ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": 1}}, "include_usage",
+     "include_usage must be true or false, got 1"),
+    ("/v1/completions", {"prompt": "a", "n": 2}, "n", "n must be 1 (one choice per request), got 2"),
+    ("/v1/completions", {"prompt": None}, "prompt", "prompt is required"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "prompt holds 2 prompts; this server takes one per request"),
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt", "prompt must be a string or a list of token ids"),
+    ("/v1/chat/completions", {"messages": []}, "messages",
+     "messages must be a non-empty list of {role, content} objects"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages",
+     "messages[0].content must be a string, got 5"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {"content": "y"}]}, "messages",
+     "messages[1] must be an object with a string role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "chat_template_kwargs": {"enable_thinking": [1]}}, "chat_template_kwargs",
+     "chat_template_kwargs must be an object of strings, numbers, booleans or nulls"),
+])
+def test_refused_fields_keep_their_messages(path, body, param, message):
+    """pydantic validates; the answer is a 400 (never FastAPI's 422) worded as before."""
+    scheduler = FakeScheduler()
+    client = client_for(scheduler, load_tokenizer(OURO, 300), chat_template=chat_renderer(OURO))
+    error = error_of(client.post(path, json=body), 400, param)
+    assert error["message"] == message and error["type"] == "invalid_request_error"
+    assert not scheduler.requests
+
+
+def test_body_is_json_whatever_its_content_type():
+    """curl -d sends application/x-www-form-urlencoded; the body is read as JSON all the same."""
+    scheduler = FakeScheduler()
+    client = client_for(scheduler)
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {} if content_type is None else {"content-type": content_type}
+        response = client.post("/v1/completions", content=b'{"prompt": "Hi", "max_tokens": 2}', headers=headers)
+        assert response.status_code == 200, (content_type, response.text)
+        assert scheduler.requests[-1].prompt_ids == list(b"Hi") and scheduler.requests[-1].max_tokens == 2
+    error = error_of(client.post("/v1/completions", content=b"{not json"), 400, None)
+    assert error["message"] == ("the request body is not valid JSON: Expecting property name enclosed in "
+                                "double quotes: line 1 column 2 (char 1)")
+    error = error_of(client.post("/v1/completions", content=b"[1]"), 400, None)
+    assert error["message"] == "the request body must be a JSON object, got list"
+
+
+def test_openapi_shows_the_request_schemas():
+    client = client_for(FakeScheduler())
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    completion, chat = schemas["CompletionRequest"], schemas["ChatCompletionRequest"]
+    assert {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+            "return_token_ids"} <= set(completion["properties"])
+    assert completion["required"] == ["prompt"]
+    assert {"messages", "max_tokens", "max_completion_tokens", "temperature",
+            "chat_template_kwargs"} <= set(chat["properties"])
+    assert chat["required"] == ["messages"]
+    assert {"role", "content"} <= set(schemas["Message"]["properties"])
+    for path, name in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+        operation = spec["paths"][path]["post"]
+        assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + name)
+        assert "422" not in operation["responses"]  # refused bodies are 400s
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+
+
+def test_serve_modules_have_no_import_cycles():
+    import ast
+
+    import speedec.serve
+
+    package = Path(speedec.serve.__file__).parent
+    imports = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imports[path.stem] = {node.module.split(".")[0] for node in ast.walk(tree)
+                              if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    imports.pop("__init__")
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, (*seen, n)))
+                   for n in imports.get(start, ()))
+    assert not [m for m in imports if reaches(m, m)], imports

@@ -75,10 +75,6 @@ class JsonConfig:
 
 
 
-# Architectures of ModelConfig.architecture.
-ARCHITECTURES = ("llama", "ouro")
-
-
 @dataclass(frozen=True)
 class ModelConfig(JsonConfig):
     vocab_size: int
@@ -103,17 +99,27 @@ class ModelConfig(JsonConfig):
     # the shared LM head), trained to agree with the final loop. None: the
     # exit reads the hidden state through the final norm and head.
     exit_readout_rank: int | None = None
-    # The layer and loop architecture (see ARCHITECTURES): "llama" (pre-norm
-    # layers, final norm once before the head) or "ouro" (sandwich norms on
-    # both branch outputs, the final norm at the end of every loop, a readout
-    # without a second norm, and an early-exit gate).
+    # The layer and loop architecture, one of speedec.architectures.ARCHITECTURES
+    # (a file each): "llama" (pre-norm layers, final norm once before the head)
+    # or "ouro" (sandwich norms on both branch outputs, the final norm at the
+    # end of every loop, a readout without a second norm, and an early-exit
+    # gate) or "nanbeige" (Llama's pre-norm layers, the final norm at the end
+    # of every loop as in ouro unless skip_loop_final_norm; see docs/nanbeige.md).
     architecture: str = "llama"
+    # nanbeige only: the final norm runs once, before the head, instead of
+    # closing every loop (Nanbeige's config switch of the same name).
+    skip_loop_final_norm: bool = False
+    # The width of one attention head when it is not d_model / n_heads
+    # (Nanbeige4.2-3B: 128 with d_model 3072 and 48 heads, so the q and o
+    # projections are not square); None: d_model / n_heads.
+    attention_head_dim: int | None = None
     # How the layers' projections and the LM head are stored: None (the model's
     # float dtype) or "q8_0" (8-bit blocks of 32 with a float16 scale each,
     # llama.cpp's q8_0; see speedec.quant). Written by `speedec quantize`.
     quantization: str | None = None
 
-    OMIT_AT_DEFAULT = ("loop_embedding", "exit_readout_rank", "architecture", "quantization")
+    OMIT_AT_DEFAULT = ("loop_embedding", "exit_readout_rank", "architecture", "quantization",
+                       "skip_loop_final_norm", "attention_head_dim")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "ffn_dim",
@@ -127,7 +133,7 @@ class ModelConfig(JsonConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        for name in ("tie_embeddings", "loop_embedding"):
+        for name in ("tie_embeddings", "loop_embedding", "skip_loop_final_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.exit_readout_rank is not None:
@@ -137,26 +143,30 @@ class ModelConfig(JsonConfig):
                                   f"({self.d_model}) or null, got {rank!r}")
             if self.exit_loop is None:
                 raise ConfigError("exit_readout_rank needs an early exit (exit_loop); set it to null")
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(f"architecture must be one of {', '.join(ARCHITECTURES)}, "
-                              f"got {self.architecture!r}")
+        # (Imported here: the architectures' modules import this one.)
+        from .architectures import architecture
+
+        arch = architecture(self.architecture)  # a ConfigError names the known ones
         if self.quantization is not None:
             from .quant import QUANTIZATIONS
 
             if self.quantization not in QUANTIZATIONS:
                 raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or null, "
                                   f"got {self.quantization!r}")
-        if self.architecture == "ouro" and (self.loop_embedding or self.exit_readout_rank is not None):
-            raise ConfigError("the ouro architecture has no loop_embedding or exit_readout_rank")
-        if self.d_model % self.n_heads:
+        arch.check_config(self)
+        dim = self.attention_head_dim
+        if dim is not None:
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise ConfigError(f"attention_head_dim must be a positive integer or null, got {dim!r}")
+        elif self.d_model % self.n_heads:
             raise ConfigError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), "
+                "or attention_head_dim must be given")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
-            raise ConfigError(
-                f"head_dim = d_model / n_heads = {self.head_dim} must be even for rotary embeddings")
+            raise ConfigError(f"the head width ({self.head_dim}) must be even for rotary embeddings")
         if self.exit_loop is None:
             if self.n_loops != 1:
                 raise ConfigError(
@@ -172,7 +182,17 @@ class ModelConfig(JsonConfig):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """The width of one attention head: attention_head_dim, else d_model / n_heads."""
+        return self.attention_head_dim or self.d_model // self.n_heads
+
+    @property
+    def loop_norm(self) -> bool:
+        """Whether the final norm closes every loop (the next loop reads the normed
+        state, and the head reads it without a second norm): ouro, and nanbeige
+        unless skip_loop_final_norm (the architecture's ``loop_norm``)."""
+        from .architectures import architecture
+
+        return architecture(self.architecture).loop_norm(self)
 
     @property
     def n_virtual_layers(self) -> int:
@@ -207,6 +227,19 @@ PRESETS: dict[str, ModelConfig] = {
                                    ffn_dim=5632, n_unique_layers=24, n_loops=4, exit_loop=1,
                                    max_seq_len=4096, rope_theta=1000000.0, norm_eps=1e-6,
                                    tie_embeddings=False, architecture="ouro"),
+    # Nanbeige4.2-3B's shapes (its config.json: hidden 3072, 22 layers run twice, 48
+    # heads and 8 kv heads of 128 (so q and o are not square), intermediate 10752,
+    # vocab 166144, untied head, rope_theta 7e7, rms_norm_eps 1e-5, the final norm
+    # closing every loop) with random weights: about 4.17B parameters, 16.7 GB
+    # float32 / 8.3 GB bfloat16 / 4.4 GB int8 (q8_0, embedding included). Early
+    # exit after loop 1 as for an imported Nanbeige; max_seq_len 4096 instead of
+    # 262144 (only the rotary table's length: the weights are the same). int8 and
+    # bfloat16 are built without a float32 copy (speedec.bench.setup.build_model).
+    "nanbeige-4.2-3b-shape": ModelConfig(vocab_size=166144, d_model=3072, n_heads=48, n_kv_heads=8,
+                                         attention_head_dim=128, ffn_dim=10752, n_unique_layers=22,
+                                         n_loops=2, exit_loop=1, max_seq_len=4096, rope_theta=70000000.0,
+                                         norm_eps=1e-5, tie_embeddings=False, architecture="nanbeige",
+                                         skip_loop_final_norm=False),
 }
 
 # Scale of the residual-branch output projections at init for each preset.
@@ -220,8 +253,18 @@ PRESETS: dict[str, ModelConfig] = {
 # prompts of 16 ids x 24 new tokens: acceptance 0.932 (82/88 drafts) at 0.002,
 # 0.898 (79/88) at 0.003, 0.875 (77/88) at 0.004; at 0.01 the loop-1 argmax
 # matched loop 4's on only 68% of teacher-forced positions, at 0.03 on 34%.
+# nanbeige-4.2-3b-shape: the output projections as for llama; with the loop norm the
+# second loop reads a state of RMS 1 (not the embedding's 0.02), so the scale that
+# moves its argmax is ~20x llama's. Its branches' std falls as 1/sqrt(2 K L), so a
+# loop's update barely depends on K: measured on a stand-in with the real widths and
+# vocabulary but K = 2 (speed engine, seed 0, 8 seeded random prompts of 16 ids x 24
+# new tokens, 176 drafts): int8 0.915 at 0.07, 0.852 at 0.085, 0.761 at 0.1; bf16
+# 0.869, 0.824, 0.801. Teacher-forced exit/final argmax agreement (bf16, 512
+# positions) at 0.1: 0.78 with K = 2, 0.84 with K = 6, 0.785 at the real shape
+# (0.885 at 0.07); at 1.0 it is 0.06. At the real shape, int8, the same 8 prompts:
+# acceptance 0.835 (147/176) at 0.09.
 PRESET_RESIDUAL_SCALE: dict[str, float] = {"tiny": 1.0, "membound": 0.0045, "membound-deep": 0.0025,
-                                           "ouro-1.4b-shape": 0.003}
+                                           "ouro-1.4b-shape": 0.003, "nanbeige-4.2-3b-shape": 0.09}
 
 
 def preset(name: str) -> ModelConfig:

@@ -21,8 +21,10 @@ an architecture is adding a table.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -56,6 +58,9 @@ class Conversion:
     not_exported: ClassVar[tuple[str, ...]] = ()
     # Prefixes of their tensors that speedec has no use for: left out of an import.
     not_imported: ClassVar[tuple[str, ...]] = ()
+    # Endings of their tensor names left out of an import (stored buffers speedec
+    # recomputes, such as a rotary table's inverse frequencies).
+    not_imported_suffixes: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def their_layers(cls, config: ModelConfig) -> int:
@@ -123,7 +128,81 @@ class Conversion:
                 elif not torch.equal(out[key], tensor):
                     raise ModelLoadError(f"{names[0]} differs from layer {i % K}'s: not a looped model "
                                          f"with {K} unique layers")
-        unused = sorted(n for n in set(tensors) - used if not n.startswith(cls.not_imported))
+        unused = sorted(n for n in set(tensors) - used
+                        if not n.startswith(cls.not_imported) and not n.endswith(cls.not_imported_suffixes))
         if unused:
             raise ModelLoadError(f"no place in speedec for {cls.name} tensor(s) {', '.join(unused[:5])}")
         return out
+
+    @classmethod
+    def load(cls, model: torch.nn.Module, directory: Path, *, dtype: torch.dtype | None,
+             device: str | torch.device) -> torch.nn.Module:
+        """Fill ``model`` from the checkpoint in ``directory`` (``model.safetensors`` or
+        shards) in ``dtype`` (None: the checkpoint's own, see :func:`checkpoint_dtype`);
+        a missing, misshapen or unplaced tensor is a ModelLoadError naming its file.
+
+        ``model`` may be built on the meta device (no memory): it is then materialised in
+        ``dtype`` on ``device`` before the tensors are copied in, so a bf16 checkpoint never
+        takes a float32 copy's memory on its way in. The rotary table is computed, never
+        read from the checkpoint."""
+        from .model.looped import model_rope_table
+        from .storage import CONFIG_FILE, read_hf_tensors
+
+        tensors, sources, where = read_hf_tensors(directory)
+        if dtype is None:
+            dtype = checkpoint_dtype(tensors, directory)
+        expected = cls.their_shapes(model)
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ModelLoadError(f"{where} lacks tensor(s): {', '.join(missing[:5])}")
+        for name, shape in expected.items():
+            if tensors[name].shape != shape:
+                raise ModelLoadError(f"{sources[name]}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                     f"{directory / CONFIG_FILE} says {tuple(shape)}")
+        try:
+            state = cls.to_ours(tensors, model.config)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{where}: {exc}") from None
+        del tensors
+        if model.device.type == "meta":
+            model = model.to(dtype=dtype).to_empty(device=device)
+            model.rope = model_rope_table(model.config).to(dtype=dtype, device=device)
+        else:
+            model = model.to(dtype=dtype, device=device)
+        model.load_state_dict(state)
+        return model.eval()
+
+    @classmethod
+    def save(cls, model: torch.nn.Module, directory: str | Path, config: dict) -> Path:
+        """Write ``model``'s tensors under their names (``model.safetensors``) and the
+        ``config.json`` ``config`` to ``directory``, each atomically."""
+        from safetensors.torch import save_file
+
+        from .storage import CONFIG_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = cls.from_ours(model)
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        return directory
+
+
+def checkpoint_dtype(tensors: Mapping[str, torch.Tensor], directory: Path) -> torch.dtype:
+    """The dtype a checkpoint is stored in: that of most of its floating-point weights
+    (counted in elements), else ``torch_dtype`` / ``dtype`` of its ``config.json``, else float32."""
+    from .storage import CONFIG_FILE
+
+    counts: dict[torch.dtype, int] = {}
+    for tensor in tensors.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    if counts:
+        return max(counts, key=counts.__getitem__)
+    try:
+        data = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = {}
+    name = (data.get("torch_dtype") or data.get("dtype")) if isinstance(data, dict) else None
+    found = getattr(torch, name, None) if isinstance(name, str) else None
+    return found if isinstance(found, torch.dtype) and found.is_floating_point else torch.float32

@@ -1,10 +1,11 @@
-"""Export to GGUF, llama.cpp's file format, as a plain llama model.
+"""Export to GGUF, llama.cpp's file format: as a plain llama, or as llama.cpp's
+looped ``nanbeige`` architecture.
 
 Like the Hugging Face export (:mod:`speedec.hf`), a looped model with K unique
 layers and L loops is written as a plain llama with K * L layers whose weights
 repeat with period K; the tensors are those of the Hugging Face export's
 table, renamed to llama.cpp's names (:class:`GGUFLlamaConversion`) and read
-by :meth:`Conversion.from_ours` like any other export. What GGUF adds:
+by :meth:`Conversion.their_views` like any other export. What GGUF adds:
 
 * **Rotary layout.** speedec rotates half-split pairs (dims ``i`` and
   ``i + hd/2`` of a head, as transformers' Llama does); ggml's llama rope
@@ -19,51 +20,65 @@ by :meth:`Conversion.from_ours` like any other export. What GGUF adds:
   (:mod:`speedec.quant`) is written with its own blocks, byte for byte, and
   everything else in float32 as speedec holds it (a matrix whose rows it pads
   to whole blocks: its exact float32 values).
-* **Looped.** ``looped=True`` writes llama.cpp's looped llama
-  (:data:`LOOPED_ARCH`): the K unique blocks once, the loop count, and the
-  final norm once before the head, instead of K * L unrolled blocks.
+* **Looped.** ``looped=True`` writes llama.cpp's looped architecture
+  (:data:`LOOPED_ARCH`, ``nanbeige``): the K unique blocks once and the loop
+  count, instead of K * L unrolled blocks. Its ``skip_loop_final_norm`` says
+  where the final norm runs: ``true`` once before the head (speedec's
+  ``llama``, and ``nanbeige`` with ``skip_loop_final_norm``), ``false`` also
+  at the end of every loop but the last (speedec's loop norm: ``nanbeige``
+  without it). A ``nanbeige`` model is exported looped by default; one with
+  the loop norm cannot be written as a plain llama at all.
+* **Head width.** ``attention.key_length`` / ``value_length`` and the rope
+  dimension are the model's head width, which need not be ``d_model /
+  n_heads`` (``attention_head_dim``: Nanbeige4.2-3B's q and o are not square).
+* **Streaming.** Every tensor is converted (rows reordered, cast, quantized)
+  only when it is written, one at a time: a multi-GB bfloat16 model is
+  exported without a float32 copy of it.
 * **Tokenizer.** A ``tokenizer.json`` (byte-level BPE) next to the model is
-  written as GGUF's ``gpt2`` tokenizer: tokens by id, merges, token types
-  (added special tokens are control tokens; ids past the tokenizer up to the
-  model's vocabulary are unused ``[PAD{id}]`` tokens), and ``<|endoftext|>``
-  as eos and bos when the tokenizer has it. A model without one (one token
-  per byte) gets no vocabulary: ``tokenizer.ggml.model = "no_vocab"`` with
-  ``llama.vocab_size`` set, so llama.cpp runs it on token ids.
+  written as GGUF's ``gpt2`` tokenizer (:mod:`speedec.gguf_vocab`); a model
+  without one gets no vocabulary and runs on token ids. (A SentencePiece-style
+  vocabulary such as Nanbeige's is written the same way, which llama.cpp does
+  not tokenize as the checkpoint does: feed it token ids, or take the
+  vocabulary from llama.cpp's own converter.)
 
-Models llama cannot represent are refused with a :class:`ConfigError`: an
-``architecture`` other than ``llama`` (Ouro's sandwich norms), a
-``loop_embedding`` (llama has no per-loop input), and any tensor the table has
-no place for. The exit readout (the drafter) is left out, as the final output
-does not use it. The file is written atomically.
+Models GGUF cannot represent are refused with a :class:`ConfigError`: an
+``architecture`` other than ``llama`` or ``nanbeige`` (Ouro's sandwich norms),
+a ``loop_embedding`` (llama has no per-loop input), a plain (unrolled) llama
+export of a model whose final norm closes every loop, and any tensor the table
+has no place for. The exit readout (the drafter) is left out, as the final
+output does not use it. The file is written atomically.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .architectures.llama import LlamaConversion
 from .config import ModelConfig
 from .conversion import Conversion, Fused
-from .errors import ConfigError, ModelLoadError, TokenizerError
-from .hf import LlamaConversion
-from .model import LoopedLM
+from .errors import ConfigError, ModelLoadError
+from .gguf_vocab import add_tokenizer, read_tokenizer_json
+from .model.looped import LoopedLM
 from .storage import atomic_write
-from .tokenizer import EOS_TOKEN
 
 DTYPES = ("f32", "f16", "q8_0")
 # llama.cpp's architecture for a looped pre-norm llama (K blocks run L times, weights
 # shared, a KV cache per loop and block), as its nanbeige loader reads it: with
 # "skip_loop_final_norm" true, the final norm runs once, before the head, as in
-# speedec's "llama" architecture. Its keys are written by name (the gguf package has
-# no constants for them).
+# speedec's "llama" architecture; with false, also at the end of every loop but the
+# last (the next loop reads the normed state), as speedec's "nanbeige" does. Its keys
+# are written by name (the gguf package has no constants for them).
 LOOPED_ARCH = "nanbeige"
 # Rows of a q8_0 block.
 Q8_BLOCK = 32
+# Values of a float matrix quantized to q8_0 at a time (bounds the quantizer's temporaries).
+Q8_CHUNK = 1 << 24
 
 
 # llama.cpp's name of every tensor of transformers' Llama (without ".weight").
@@ -128,17 +143,30 @@ def _gguf():
     return gguf
 
 
-def check_exportable(model: LoopedLM) -> None:
-    """Raise a ConfigError when llama cannot represent ``model``."""
+def export_looped(model: LoopedLM, looped: bool | None = None) -> bool:
+    """Whether ``model`` is written as llama.cpp's looped architecture: ``looped`` when
+    given; by default (None) a ``nanbeige`` model is (its own architecture in llama.cpp)
+    and a ``llama`` model is not (a plain llama with K * L blocks)."""
+    if looped is None:
+        return getattr(model.config, "architecture", "llama") == "nanbeige"
+    return bool(looped)
+
+
+def check_exportable(model: LoopedLM, looped: bool | None = None) -> None:
+    """Raise a ConfigError when GGUF cannot represent ``model`` (as a plain llama when
+    ``looped`` is False; None: the model's default layout, :func:`export_looped`)."""
     if not isinstance(model, LoopedLM):
         raise ConfigError(f"only looped decoders export to GGUF llama, not {type(model).__name__}")
     architecture = getattr(model.config, "architecture", "llama")
-    if architecture != "llama":
+    if architecture not in ("llama", "nanbeige"):
         raise ConfigError(f"this is a {architecture} model, whose layers llama cannot represent; "
                           "it cannot be exported to GGUF")
     if getattr(model.config, "loop_embedding", False):
         raise ConfigError("this model adds a loop embedding at every loop, which llama cannot represent; "
                           "it cannot be exported to GGUF")
+    if getattr(model.config, "loop_norm", False) and not export_looped(model, looped):
+        raise ConfigError(f"this {architecture} model's final norm closes every loop, which a plain (unrolled) "
+                          "llama cannot represent; export it looped (llama.cpp's nanbeige architecture)")
 
 
 class _StateView:
@@ -151,24 +179,59 @@ class _StateView:
         return self._state
 
 
+def _views(model, state: dict[str, torch.Tensor], looped: bool = False) -> dict[str, torch.Tensor]:
+    """``state`` under GGUF names, as views in our own row order (any dtype); ``looped``:
+    only the first K blocks (the unique layers, which the loop count repeats)."""
+    c = model.config
+    views = GGUFLlamaConversion.their_views(_StateView(c, state))
+    if looped:
+        views = {n: t for n, t in views.items() if not n.startswith("blk.") or int(n.split(".")[1]) < c.n_unique_layers}
+    return views
+
+
+def _ggml_rows(config: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The GGUF tensor ``name`` with q/k rows in ggml's rope layout (any dtype: only rows move)."""
+    heads = GGUFLlamaConversion.rope_rows.get(".".join(name.split(".")[-2:]))
+    return interleave_rope_rows(tensor, heads(config)) if heads else tensor
+
+
 def _placed(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` under GGUF names, q/k rows in ggml's rope layout (any dtype: only rows move)."""
-    c = model.config
-    tensors = GGUFLlamaConversion.from_ours(_StateView(c, state))
-    for name, tensor in tensors.items():
-        heads = GGUFLlamaConversion.rope_rows.get(".".join(name.split(".")[-2:]))
-        tensors[name] = interleave_rope_rows(tensor, heads(c)) if heads else tensor
-    return tensors
+    return {name: _ggml_rows(model.config, name, t) for name, t in _views(model, state).items()}
 
 
 def gguf_tensors(model: LoopedLM) -> dict[str, torch.Tensor]:
     """The model's tensors under their GGUF names, float32, q/k rows in ggml's rope layout
     (a q8_0 model's 8-bit weights dequantized)."""
-    check_exportable(model)
+    check_exportable(model, looped=True)
     if getattr(model.config, "quantization", None) is not None:
         floats, values, scales = q8_gguf_tensors(model)
         return {**floats, **{name: _dequantized(model, name, values[name], scales[name]) for name in values}}
     return {name: t.to(torch.float32) for name, t in _placed(model, model.state_dict()).items()}
+
+
+def _q8_views(model, looped: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                   dict[str, torch.Tensor]]:
+    """A q8_0 model's tensors under their GGUF names as views in our row order: ``(floats,
+    values, scales)`` (the float tensors; the 8-bit weights' int8 values and float16 scales).
+    Fused projections split by rows: blocks run along rows, so whole blocks move."""
+    state = model.state_dict()
+    floats = {name: t for name, t in state.items() if not name.endswith((".qs", ".d"))}
+    views = {}
+    for leaf in ("qs", "d"):
+        quantized = {_weight_name(name.removesuffix("." + leaf)): t
+                     for name, t in state.items() if name.endswith("." + leaf)}
+        views[leaf] = _views(model, {**floats, **quantized}, looped)
+    values = {name: t for name, t in views["qs"].items() if t.dtype == torch.int8}
+    scales = {name: views["d"][name] for name in values}
+    return {name: t for name, t in views["qs"].items() if name not in values}, values, scales
+
+
+def _weight_name(owner: str) -> str:
+    """The float model's name of the 8-bit weight ``owner``: a module's own name stands for
+    its weight where the float model holds a parameter (``lm_head``, ``layers.0.wqkv``);
+    the embedding's is ``embed.weight``."""
+    return f"{owner}.weight" if f"{owner}.weight" in GGUFLlamaConversion.globals else owner
 
 
 def q8_gguf_tensors(model: LoopedLM) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
@@ -178,15 +241,11 @@ def q8_gguf_tensors(model: LoopedLM) -> tuple[dict[str, torch.Tensor], dict[str,
     scales ``[N, K / 32]``. Fused projections are split and q/k rows reordered exactly
     as float weights are: blocks run along rows, so moving whole rows moves whole
     blocks and nothing is quantized again."""
-    state = model.state_dict()
-    floats = {name: t for name, t in state.items() if not name.endswith((".qs", ".d"))}
-    placed = {}
-    for leaf in ("qs", "d"):
-        quantized = {name.removesuffix("." + leaf): t for name, t in state.items() if name.endswith("." + leaf)}
-        placed[leaf] = _placed(model, {**floats, **quantized})
-    values = {name: t for name, t in placed["qs"].items() if t.dtype == torch.int8}
-    scales = {name: placed["d"][name] for name in values}
-    return {name: t.to(torch.float32) for name, t in placed["qs"].items() if name not in values}, values, scales
+    c = model.config
+    floats, values, scales = _q8_views(model)
+    return ({name: _ggml_rows(c, name, t).to(torch.float32) for name, t in floats.items()},
+            {name: _ggml_rows(c, name, t) for name, t in values.items()},
+            {name: _ggml_rows(c, name, t) for name, t in scales.items()})
 
 
 def _input_width(model, name: str) -> int:
@@ -224,48 +283,83 @@ def _q8_0(gguf) -> Callable[[np.ndarray], np.ndarray]:
     return lambda a: quants.quantize(a, qtype)
 
 
-def _add_tensor(writer, gguf, name: str, tensor: torch.Tensor, dtype: str) -> None:
-    array = tensor.numpy()
-    if array.ndim == 1 or dtype == "f32":
-        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
-    elif dtype == "q8_0" and array.shape[-1] % Q8_BLOCK == 0:
-        qtype = gguf.GGMLQuantizationType.Q8_0
-        writer.add_tensor(name, _q8_0(gguf)(np.ascontiguousarray(array)), raw_dtype=qtype)
-    else:
-        writer.add_tensor(name, array.astype(np.float16))
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of the file: how it is stored (what its header says) and how to make
+    its data, called once, as it is written."""
+
+    # The array's numpy shape (q8_0: bytes, ``[rows, cols / 32 * 34]``) and dtype.
+    shape: tuple[int, ...]
+    dtype: type
+    # GGUF's type when the array holds raw bytes (q8_0), else None.
+    raw_dtype: Any
+    make: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-def read_tokenizer_json(path: Path, vocab_size: int) -> dict[str, Any]:
-    """GGUF ``gpt2`` tokenizer fields from a byte-level BPE ``tokenizer.json``:
-    ``tokens``, ``types`` (:class:`gguf.TokenType` values), ``merges`` (``"a b"``),
-    ``eos`` (an id or None) and ``pre``."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        model = data["model"]
-        vocab: dict[str, int] = model["vocab"]
-        merges = model.get("merges", [])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TokenizerError(f"cannot read tokenizer {path}: {exc}") from None
-    if model.get("type") != "BPE":
-        raise TokenizerError(f"{path} is a {model.get('type')} tokenizer; GGUF export handles byte-level BPE")
-    # Type values of gguf.TokenType, kept here so that reading needs no gguf.
-    normal, control, user_defined, unused = 1, 3, 4, 5
-    by_id: dict[int, tuple[str, int]] = {i: (tok, normal) for tok, i in vocab.items()}
-    for added in data.get("added_tokens") or []:
-        by_id[added["id"]] = (added["content"], control if added.get("special") else user_defined)
-    size = max(by_id) + 1 if by_id else 0
-    if size > vocab_size:
-        raise TokenizerError(f"{path} has {size} tokens but the model's vocabulary has only {vocab_size}")
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token, kind = by_id.get(i, (f"[PAD{i}]", unused))
-        tokens.append(token)
-        types.append(kind)
-    pre = data.get("pre_tokenizer") or {}
-    byte_level = pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-    eos = next((i for i, (tok, _) in by_id.items() if tok == EOS_TOKEN), None)
-    return {"tokens": tokens, "types": types, "eos": eos, "pre": "gpt2" if byte_level else "default",
-            "merges": [m if isinstance(m, str) else " ".join(m) for m in merges]}
+def _float32(tensor: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().to(torch.float32).numpy())
+
+
+def _q8_0_bytes_shape(shape: torch.Size) -> tuple[int, int]:
+    return (shape[0], shape[1] // Q8_BLOCK * (Q8_BLOCK + 2))
+
+
+def _quantized_rows(gguf, array: np.ndarray) -> np.ndarray:
+    """gguf's q8_0 of a float32 matrix, a few rows at a time (blocks run along rows: the
+    same bytes as quantizing it whole, with bounded temporaries)."""
+    quantize = _q8_0(gguf)
+    rows = max(1, Q8_CHUNK // max(1, array.shape[1]))
+    if rows >= len(array):
+        return quantize(array)
+    return np.concatenate([quantize(np.ascontiguousarray(array[i:i + rows])) for i in range(0, len(array), rows)])
+
+
+def _float_entry(gguf, config: ModelConfig, name: str, tensor: torch.Tensor, dtype: str) -> _Entry:
+    """A float tensor of ours (any float dtype, our row order) written as ``dtype``."""
+    def rows() -> torch.Tensor:
+        return _ggml_rows(config, name, tensor)
+
+    shape = tuple(tensor.shape)
+    if tensor.dim() == 1 or dtype == "f32":
+        return _Entry(shape, np.float32, None, lambda: _float32(rows()))
+    if dtype == "q8_0" and shape[-1] % Q8_BLOCK == 0:
+        return _Entry(_q8_0_bytes_shape(tensor.shape), np.uint8, gguf.GGMLQuantizationType.Q8_0,
+                      lambda: _quantized_rows(gguf, _float32(rows())))
+    return _Entry(shape, np.float16, None, lambda: _float32(rows()).astype(np.float16))
+
+
+def _plan(gguf, model: LoopedLM, dtype: str, looped: bool) -> dict[str, _Entry]:
+    """Every tensor of the file, in order, made when written (see :class:`_Entry`)."""
+    c = model.config
+    if getattr(c, "quantization", None) is None:
+        views = _views(model, model.state_dict(), looped)
+        return {name: _float_entry(gguf, c, name, t, dtype) for name, t in views.items()}
+    floats, values, scales = _q8_views(model, looped)
+    plan = {name: _float_entry(gguf, c, name, t, "f32") for name, t in floats.items()}
+    for name in values:
+        def placed(name=name) -> tuple[torch.Tensor, torch.Tensor]:
+            return _ggml_rows(c, name, values[name]), _ggml_rows(c, name, scales[name])
+
+        if values[name].shape[1] == _input_width(model, name):  # the model's own q8_0 blocks, byte for byte
+            plan[name] = _Entry(_q8_0_bytes_shape(values[name].shape), np.uint8, gguf.GGMLQuantizationType.Q8_0,
+                                lambda placed=placed: q8_0_blocks(*placed()))
+        else:
+            # Rows padded to whole blocks (an input width that is not a multiple of 32) cannot be
+            # GGUF q8_0 rows: those matrices are written as their exact float32 values.
+            plan[name] = _Entry((values[name].shape[0], _input_width(model, name)), np.float32, None,
+                                lambda name=name, placed=placed: _float32(_dequantized(model, name, *placed())))
+    return plan
+
+
+def gguf_file_bytes(model: LoopedLM, dtype: str = "f32", looped: bool | None = None) -> int:
+    """About the size of :func:`export_gguf`'s file (its tensors' bytes; the header and
+    vocabulary add little), computed without converting anything."""
+    gguf = _gguf()
+    return sum(e.nbytes for e in _plan(gguf, model, dtype, export_looped(model, looped)).values())
 
 
 def _add_metadata(writer, gguf, model: LoopedLM, name: str, dtype: str, looped: bool) -> None:
@@ -277,12 +371,17 @@ def _add_metadata(writer, gguf, model: LoopedLM, name: str, dtype: str, looped: 
     writer.add_context_length(c.max_seq_len)
     writer.add_embedding_length(c.d_model)
     writer.add_block_count(c.n_unique_layers if looped else c.n_virtual_layers)
-    if looped:  # llama.cpp's looped pre-norm llama: the K blocks run L times, one final norm
+    if looped:  # llama.cpp's looped pre-norm llama: the K blocks run L times
         writer.add_uint32(f"{LOOPED_ARCH}.num_loops", c.n_loops)
-        writer.add_bool(f"{LOOPED_ARCH}.skip_loop_final_norm", True)
+        # true: the final norm once, before the head; false: also closing every loop but the
+        # last (with the one before the head, every loop's: speedec's loop norm).
+        writer.add_bool(f"{LOOPED_ARCH}.skip_loop_final_norm", not getattr(c, "loop_norm", False))
     writer.add_feed_forward_length(c.ffn_dim)
     writer.add_head_count(c.n_heads)
     writer.add_head_count_kv(c.n_kv_heads)
+    # The head width, which need not be d_model / n_heads (llama.cpp's default).
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
     writer.add_rope_dimension_count(c.head_dim)
     writer.add_rope_freq_base(float(c.rope_theta))
     writer.add_layer_norm_rms_eps(float(c.norm_eps))
@@ -291,72 +390,49 @@ def _add_metadata(writer, gguf, model: LoopedLM, name: str, dtype: str, looped: 
     writer.add_uint32("speedec.loops", c.n_loops)
 
 
-def _add_tokenizer(writer, tokenizer: dict[str, Any] | None) -> None:
-    if tokenizer is None:
-        writer.add_tokenizer_model("no_vocab")
-        return
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(tokenizer["pre"])
-    writer.add_token_list(tokenizer["tokens"])
-    writer.add_token_types(tokenizer["types"])
-    if tokenizer["merges"]:
-        writer.add_token_merges(tokenizer["merges"])
-    if tokenizer["eos"] is not None:
-        writer.add_bos_token_id(tokenizer["eos"])
-        writer.add_eos_token_id(tokenizer["eos"])
-    # speedec encodes prompts without special tokens.
-    writer.add_add_bos_token(False)
-
-
 def export_gguf(model: LoopedLM, out: str | Path, *, dtype: str = "f32",
                 tokenizer_json: str | Path | None = None, name: str | None = None,
-                looped: bool = False) -> Path:
-    """Write ``model`` to ``out`` as a llama GGUF (see the module docstring). ``looped``:
-    as llama.cpp's looped llama (:data:`LOOPED_ARCH`): the K unique blocks once and the
-    loop count, instead of K * L unrolled blocks (L times less memory in llama.cpp)."""
+                looped: bool | None = None) -> Path:
+    """Write ``model`` to ``out`` as a GGUF (see the module docstring). ``looped``: as
+    llama.cpp's looped architecture (:data:`LOOPED_ARCH`): the K unique blocks once and
+    the loop count, instead of a plain llama with K * L unrolled blocks (L times less
+    memory in llama.cpp); None: looped for a ``nanbeige`` model, unrolled for a ``llama``
+    one (:func:`export_looped`). Tensors are converted one at a time as they are written."""
     if dtype not in DTYPES:
         raise ConfigError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     gguf = _gguf()
+    check_exportable(model, looped)
+    looped = export_looped(model, looped)
     quantized = getattr(model.config, "quantization", None)
-    blocks: dict[str, np.ndarray] = {}
-    if quantized is not None:
-        if dtype != "q8_0":
-            raise ConfigError(f"the model's weights are {quantized}; export it with --dtype q8_0 (its own blocks)")
-        check_exportable(model)
-        floats, values, scales = q8_gguf_tensors(model)
-        # Rows padded to whole blocks (an input width that is not a multiple of 32) cannot be
-        # GGUF q8_0 rows: those matrices are written as their exact float32 values.
-        whole = {name for name in values if values[name].shape[1] == _input_width(model, name)}
-        blocks = {name: q8_0_blocks(values[name], scales[name]) for name in whole}
-        padded = {name: _dequantized(model, name, values[name], scales[name]) for name in values if name not in whole}
-        tensors = {**floats, **padded, **dict.fromkeys(blocks)}
-    else:
-        if dtype == "q8_0":
-            _q8_0(gguf)
-        tensors = gguf_tensors(model)
+    if quantized is not None and dtype != "q8_0":
+        raise ConfigError(f"the model's weights are {quantized}; export it with --dtype q8_0 (its own blocks)")
+    if quantized is None and dtype == "q8_0":
+        _q8_0(gguf)
+    plan = _plan(gguf, model, dtype, looped)
     c = model.config
-    if looped:  # the first K blocks are the unique layers; the loop count repeats them
-        tensors = {n: t for n, t in tensors.items()
-                   if not n.startswith("blk.") or int(n.split(".")[1]) < c.n_unique_layers}
     tokenizer = None if tokenizer_json is None else read_tokenizer_json(Path(tokenizer_json), c.vocab_size)
     out = Path(out)
     if name is None:
-        name = f"speedec looped llama (K={c.n_unique_layers}, L={c.n_loops})"
+        kind = ("nanbeige" if c.architecture == "nanbeige" else "looped llama") if looped else "llama"
+        name = f"speedec {kind} (K={c.n_unique_layers}, L={c.n_loops})"
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, LOOPED_ARCH if looped else "llama")
         _add_metadata(writer, gguf, model, name, dtype, looped)
-        _add_tokenizer(writer, tokenizer)
-        for tensor_name, tensor in tensors.items():
-            if tensor_name in blocks:  # the model's own q8_0 blocks, byte for byte
-                writer.add_tensor(tensor_name, blocks[tensor_name], raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            elif blocks:  # the rest of a q8_0 model is float32 in speedec: so in the file
-                _add_tensor(writer, gguf, tensor_name, tensor, "f32")
-            else:
-                _add_tensor(writer, gguf, tensor_name, tensor, dtype)
+        add_tokenizer(writer, tokenizer)
+        for tensor_name, entry in plan.items():
+            writer.add_tensor_info(tensor_name, entry.shape, np.dtype(entry.dtype), entry.nbytes,
+                                   raw_dtype=entry.raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for tensor_name, entry in plan.items():  # one tensor in memory at a time
+            array = entry.make()
+            if array.shape != entry.shape or array.dtype != np.dtype(entry.dtype):
+                raise AssertionError(f"{tensor_name}: made {array.dtype} {array.shape}, "
+                                     f"planned {np.dtype(entry.dtype)} {entry.shape}")
+            writer.write_tensor_data(array)
+            del array
         writer.close()
 
     try:

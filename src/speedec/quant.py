@@ -10,11 +10,13 @@ is padded with zero weights to the next multiple, and the rows with zeros:
 the product is unchanged (GGUF, whose q8_0 rows must split into whole blocks,
 gets such a matrix as float32).
 
-What is 8-bit: every unique layer's projections (q/k/v, output, gate/up, down)
-and the LM head (for a model with a tied head: a quantized copy; the embedding
-gather stays in float). Norms, embeddings, the loop embedding, Ouro's exit gate
-and the exit readout's small adapter stay float32, and so do the activations
-and the KV cache.
+What is 8-bit: every unique layer's projections (q/k/v, output, gate/up, down),
+the LM head (for a model with a tied head: a quantized copy) and the token
+embedding (:class:`Q8Embedding`, read by row, as llama.cpp's ``q8_0`` files
+store ``token_embd``: at Nanbeige4.2-3B's vocabulary a float32 embedding
+would be 2 GB of the model's 5.4). Norms, the loop embedding, Ouro's exit
+gate and the exit readout's small adapter stay float32, and so do the
+activations and the KV cache.
 
 Products (:meth:`Q8Weight.forward`) quantize each activation row per block of
 32 and sum int8 x int8 blocks exactly in int32, then combine the blocks in
@@ -136,8 +138,24 @@ class Q8Weight(nn.Module):
         return f"q8_0, out_features={self.qs.shape[0]}, in_features={self.in_features}"
 
 
+class Q8Embedding(Q8Weight):
+    """The token embedding ``[vocab, d_model]`` in ``q8_0``, as llama.cpp stores a
+    ``q8_0`` model's ``token_embd``: the same blocks as :class:`Q8Weight`, read by row.
+    Called on token ids ``[...]`` it returns their rows ``[..., d_model]`` in float32
+    (``qs * d``, exact)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qs[ids].to(torch.float32).unflatten(-1, (-1, BLOCK)) * self.d[ids].to(torch.float32)[..., None]
+        rows = rows.flatten(-2)
+        return rows if not self.padding else rows[..., : self.in_features].contiguous()
+
+    def extra_repr(self) -> str:
+        return f"q8_0, num_embeddings={self.qs.shape[0]}, embedding_dim={self.in_features}"
+
+
 def quantized_names(model) -> list[str]:
-    """The names of ``model``'s 8-bit weights (:class:`Q8Weight` modules), in state-dict order."""
+    """The names of ``model``'s 8-bit weights (:class:`Q8Weight` modules, the embedding's
+    included), in state-dict order."""
     return [name for name, module in model.named_modules() if isinstance(module, Q8Weight)]
 
 
@@ -163,8 +181,8 @@ def quantize_model(model):
         for name in quantized.state_dict():
             owner, _, leaf = name.rpartition(".")
             if owner in targets:
-                if leaf == "qs":
-                    module = Q8Weight.from_float(source[owner])
+                if leaf == "qs":  # (the embedding is "embed.weight" in the float model)
+                    module = Q8Weight.from_float(source[owner] if owner in source else source[f"{owner}.weight"])
                     state[f"{owner}.qs"], state[f"{owner}.d"] = module.qs, module.d
             else:
                 state[name] = source[name].to(torch.float32)

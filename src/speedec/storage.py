@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .architectures import IMPORTED as IMPORTED_ARCHITECTURES
 from .errors import ConfigError, ModelLoadError
 
 CONFIG_FILE = "config.json"
@@ -110,19 +111,45 @@ class ImportedFormat:
     model_type: str
     # The speedec format whose model class runs it.
     reads: ModelFormat
-    # The module that reads it: config_from_hf(data, path) -> config and
-    # load_weights(model, directory, dtype=, device=) -> model.
-    reader_module: str
-
-    @property
-    def reader(self) -> Any:
-        return importlib.import_module(self.reader_module)
+    # What reads it (an imported speedec.architectures.base.Architecture):
+    # config_from_hf(data, path) -> config and load_weights(model, directory, dtype=, device=) -> model.
+    reader: Any
 
 
-# Hugging Face checkpoints speedec loads, by their config's "model_type".
+# Hugging Face checkpoints speedec loads, by their config's "model_type": the imported
+# architectures of speedec.architectures (the registry), each run by a LoopedLM.
 IMPORTED: dict[str, ImportedFormat] = {
-    "ouro": ImportedFormat("ouro", LOOPED_LM, "speedec.ouro"),
+    model_type: ImportedFormat(model_type, LOOPED_LM, arch) for model_type, arch in IMPORTED_ARCHITECTURES.items()
 }
+
+
+# Files of a model directory besides its weights and config that a derived copy (a
+# quantized model, a fitted exit readout, an export) keeps: tokenizer, chat template,
+# generation defaults, model card.
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "README.md")
+
+
+def copy_companions(source: str | Path, out: str | Path) -> list[str]:
+    """Copy ``source``'s :data:`COMPANION_FILES` into ``out`` (each atomically); the names copied."""
+    import shutil
+
+    source, out = Path(source), Path(out)
+    if source.resolve() == out.resolve():
+        return []
+    copied = []
+    for name in COMPANION_FILES:
+        if (source / name).is_file():
+            atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+            copied.append(name)
+    return copied
+
+
+def is_imported(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a Hugging Face checkpoint of an imported architecture
+    (its ``config.json`` has a ``model_type`` and no speedec ``format``)."""
+    data = _peek_config(Path(directory))
+    return isinstance(data, dict) and "format" not in data and "model_type" in data
 
 
 def format_of(model: torch.nn.Module) -> ModelFormat:
@@ -255,10 +282,16 @@ def from_pretrained(directory: str | Path, expected: ModelFormat | None = LOOPED
                     exit_loop: int | None = None):
     """The model saved in ``directory``, of the ``expected`` format (decoder-only unless
     told; None: whichever registered format the directory holds), or the Hugging Face
-    checkpoint of an imported architecture there. ``exit_loop`` replaces the config's
+    checkpoint of an imported architecture there. A string that is no directory but a
+    Hugging Face Hub id (``owner/name[@revision]``) loads that model's snapshot from the
+    local cache, downloaded first when online (:func:`speedec.bundled.resolve_model_dir`). ``exit_loop`` replaces the config's
     early exit (decoder-only models). ``dtype`` None: the checkpoint's own dtype for an
     imported checkpoint (a bf16 one stays bf16: no float32 copy is made), float32 for
     speedec's own models."""
+    if isinstance(directory, str) and not Path(directory).exists():
+        from .bundled import resolve_model_dir  # a Hugging Face Hub id: its snapshot
+
+        directory = resolve_model_dir(directory)
     directory = Path(directory)
     data = _peek_config(directory)
     quantize = dtype == torch.int8  # q8_0 weights (speedec.quant), quantized from the float ones
@@ -324,6 +357,12 @@ def load_weights(model, directory: Path, *, dtype: torch.dtype, device: str | to
                 f"{path} was saved with a different config than {directory / CONFIG_FILE} "
                 "(interrupted save or mixed files)")
     expected = model.state_dict()
+    if "embed.qs" in expected and "embed.weight" in tensors and "embed.qs" not in tensors:
+        # A q8_0 model written before its embedding was 8-bit too: quantize it as loaded.
+        from .quant import Q8Weight
+
+        embedding = Q8Weight.from_float(tensors.pop("embed.weight"))
+        tensors["embed.qs"], tensors["embed.d"] = embedding.qs, embedding.d
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:

@@ -4,9 +4,11 @@ Engines never see text; the CLI and evaluation use these to go between text
 and ids. A model directory with a ``tokenizer.json`` uses it; one without
 falls back to one token per UTF-8 byte (needs ``vocab_size >= 256``).
 
-A Hugging Face checkpoint (an imported Ouro model) also brings
-``tokenizer_config.json`` (its chat template: :func:`chat_prompt`) and
-``generation_config.json`` (its end-of-text token; see :func:`stop_token_id`).
+A Hugging Face checkpoint (an imported Ouro or Nanbeige model) also brings
+``tokenizer_config.json`` (its chat template: :func:`chat_prompt`; whether a
+prompt starts with the beginning-of-text token: ``add_bos_token``, see
+:func:`prompt_ids`) and ``generation_config.json`` (its end-of-text token; see
+:func:`stop_token_id`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,16 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-    """A byte-level BPE trained with the ``tokenizers`` library."""
+    """A tokenizer of the ``tokenizers`` library (``tokenizer.json``): speedec's own
+    byte-level BPE, or an imported checkpoint's."""
+
+    # The token a prompt starts with (tokenizer_config.json's add_bos_token and
+    # bos_token); None: prompts are encoded as they are. Set by load_tokenizer.
+    bos_token_id: int | None = None
+    # The model's vocabulary when it is larger than the tokenizer's (rows padded to a
+    # round size, as in Nanbeige4.2: 166,144 rows for 166,107 tokens): ids in between
+    # decode to no text. Set by load_tokenizer.
+    model_vocab_size: int | None = None
 
     def __init__(self, path: str | Path) -> None:
         from tokenizers import Tokenizer as HFTokenizer
@@ -76,11 +87,12 @@ class BPETokenizer:
         return self._tok.token_to_id(token)
 
     def decode(self, ids: Sequence[int]) -> str:
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        limit = max(self.vocab_size, self.model_vocab_size or 0)
+        bad = [i for i in ids if not 0 <= i < limit]
         if bad:
             raise TokenizerError(f"token id {bad[0]} is outside the tokenizer's vocabulary "
-                                 f"(0..{self.vocab_size - 1})")
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+                                 f"(0..{limit - 1})")
+        return self._tok.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=False)
 
 
 def load_tokenizer(model_dir: str | Path | None, vocab_size: int) -> Tokenizer:
@@ -93,6 +105,8 @@ def load_tokenizer(model_dir: str | Path | None, vocab_size: int) -> Tokenizer:
                 f"vocabulary has only {vocab_size}")
         if (Path(model_dir) / GENERATION_CONFIG_FILE).is_file():
             tok.eos_token_id = stop_token_id(model_dir, tok)
+        tok.bos_token_id = prompt_start_token(model_dir, tok)
+        tok.model_vocab_size = vocab_size
         return tok
     if vocab_size < 256:
         raise TokenizerError(
@@ -127,6 +141,35 @@ def stop_token_id(model_dir: str | Path, tokenizer: BPETokenizer) -> int | None:
     return tokenizer.eos_token_id
 
 
+def prompt_start_token(model_dir: str | Path, tokenizer: BPETokenizer) -> int | None:
+    """The token every text prompt starts with: ``bos_token`` when ``tokenizer_config.json``
+    says ``add_bos_token`` (Nanbeige: ``<|im_start|>``), else None."""
+    path = Path(model_dir) / TOKENIZER_CONFIG_FILE
+    if not path.is_file():
+        return None
+    config = _read_json(path)
+    if not isinstance(config, dict) or config.get("add_bos_token") is not True:
+        return None
+    text = _token_text(config.get("bos_token"))
+    token = tokenizer.token_to_id(text) if text else None
+    if token is None:
+        raise TokenizerError(f"{path} says add_bos_token, but its bos_token {text!r} is not a token of "
+                             f"{Path(model_dir) / TOKENIZER_FILE}")
+    return token
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids of a text prompt: ``tokenizer.encode(text)`` after the tokenizer's
+    beginning-of-text token when it has one (:func:`prompt_start_token`), as the
+    checkpoint's own tokenizer encodes a prompt; never twice. (A chat prompt is
+    encoded as it is: its template writes whatever start token the model wants.)"""
+    ids = list(tokenizer.encode(text))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    return ids
+
+
 def chat_template(model_dir: str | Path) -> tuple[str, dict]:
     """The chat template of a checkpoint and its ``tokenizer_config.json`` (for the
     special-token strings a template may use)."""
@@ -155,9 +198,22 @@ def _token_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def render_chat(model_dir: str | Path, messages: str | Sequence[Mapping[str, str]]) -> str:
+# Template variables a caller's options may not replace.
+_RESERVED_TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token",
+                                      "raise_exception"})
+
+
+def render_chat(model_dir: str | Path, messages: str | Sequence[Mapping[str, str]],
+                options: Mapping[str, Any] | None = None) -> str:
     """The checkpoint's chat template applied to ``messages`` (a string is one user
-    message), with the prompt for the assistant's turn appended."""
+    message), with the prompt for the assistant's turn appended. ``options``: more
+    template variables, such as ``{"enable_thinking": False}`` (a thinking model's
+    template then opens the answer with an empty ``<think></think>``); a template
+    that does not use one ignores it."""
+    options = dict(options or {})
+    reserved = sorted(_RESERVED_TEMPLATE_NAMES & set(options))
+    if reserved:
+        raise TokenizerError(f"chat template option {reserved[0]!r} is set by speedec, not by a caller")
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -175,19 +231,20 @@ def render_chat(model_dir: str | Path, messages: str | Sequence[Mapping[str, str
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template).render(
-            messages=messages, add_generation_prompt=True,
+            **options, messages=messages, add_generation_prompt=True,
             bos_token=_token_text(config.get("bos_token")), eos_token=_token_text(config.get("eos_token")))
     except jinja2.TemplateError as exc:
         raise TokenizerError(f"{Path(model_dir) / TOKENIZER_CONFIG_FILE}: chat template: {exc}") from None
 
 
-def chat_prompt(model_dir: str | Path, messages: str | Sequence[Mapping[str, str]]) -> list[int]:
+def chat_prompt(model_dir: str | Path, messages: str | Sequence[Mapping[str, str]],
+                options: Mapping[str, Any] | None = None) -> list[int]:
     """Prompt ids for a chat: :func:`render_chat` encoded with the checkpoint's
     ``tokenizer.json`` (special tokens in the text become their ids)."""
     path = Path(model_dir) / TOKENIZER_FILE
     if not path.is_file():
         raise TokenizerError(f"{path} is missing: a chat needs the model's own tokenizer")
-    return BPETokenizer(path).encode(render_chat(model_dir, messages))
+    return BPETokenizer(path).encode(render_chat(model_dir, messages, options))
 
 
 def train_bpe(files: Iterable[str | Path], out_path: str | Path, *, vocab_size: int = 8192,

@@ -13,6 +13,13 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _size(n: int | None) -> str:
+    """Bytes as ``12.3M`` / ``4.56G`` (decimal units); ``-`` when unknown."""
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def format_table(report: BenchReport) -> str:
     c = report.config
     bw = report.bandwidth
@@ -29,7 +36,7 @@ def format_table(report: BenchReport) -> str:
            f"stream {bw.stream_gbps:.1f} GB/s; floor uses {bw.read_gbps:.1f} GB/s" if bw else ""),
     ]
     cols = ["engine", "tok/s (median)", "min-max", "ms/tok", "speedup", "vs speed", "accept", "steps/tok",
-            "in flight", "MB/tok", "floor ms", "x floor", "exact"]
+            "in flight", "MB/tok", "floor ms", "x floor", "exact", "model", "peak RSS"]
     rows = []
     for s in report.engines:
         rows.append([
@@ -40,13 +47,17 @@ def format_table(report: BenchReport) -> str:
             _fmt(s.acceptance, ".3f"), _fmt(s.steps_per_token, ".2f"), _fmt(s.mean_in_flight, ".2f"),
             _fmt(s.bytes_per_token / 1e6 if s.bytes_per_token else None, ".0f"),
             _fmt(s.floor_ms_per_token, ".2f"), _fmt(s.ratio_to_floor, ".2f"),
-            _fmt(s.matches_autoregressive, ".0%"),
+            _fmt(s.matches_autoregressive, ".0%"), _size(s.model_bytes), _size(s.peak_rss_bytes),
         ])
     widths = [max(len(str(r[i])) for r in [cols, *rows]) for i in range(len(cols))]
     line = lambda r: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)  # noqa: E731
                                for i, (v, w) in enumerate(zip(r, widths)))
     out = head + ["", line(cols), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
     out += [f"note: {n}" for n in report.notes]
+    if any(s.peak_rss_bytes is not None for s in report.engines):
+        out.append("note: model: the weights a row decodes with (llama.cpp: its GGUF file, memory-mapped); "
+                   "peak RSS: the peak resident memory of the process that decoded the row, while it did "
+                   "(llama.cpp runs in a process of its own)")
     return "\n".join(out)
 
 

@@ -77,6 +77,15 @@ class EngineSummary:
     ratio_to_floor: float | None
     # Fraction of prompts whose tokens equal the autoregressive engine's.
     matches_autoregressive: float | None
+    # Bytes of the weights this row decodes with: speedec's model (parameters and buffers),
+    # the transformers peer's, or llama.cpp's GGUF file (memory-mapped).
+    model_bytes: int | None = None
+    # Peak resident memory of the process that decoded this row, while it did: this
+    # process for speedec and transformers rows (restarted before each of the row's
+    # passes on Linux; it holds every in-process model), llama.cpp's own worker
+    # process for llama.cpp rows (its whole life: loading and decoding). None where
+    # the peak cannot be restarted (then only the report's process-wide peak is known).
+    peak_rss_bytes: int | None = None
 
 
 @dataclass
@@ -95,6 +104,8 @@ class BenchReport:
     notes: list[str]
     # The model's bytes and the process's peak resident memory (build, decoding).
     memory: MemoryUse | None = None
+    # A random preset's residual scale (its acceptance knob; None for a saved model).
+    residual_scale: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,12 +213,17 @@ def run_benchmark(model: LoopedLM, specs: list[EngineSpec], prompts: list[list[i
     for _ in range(warmup):
         for s in specs:
             runners[s.label](prompts[0], min(8, max_new_tokens))
+    # This process's peak while decoding: the warm-up's, then every pass's (each restarts it).
+    decode_peak = peak_rss_bytes()
+    row_peaks: dict[str, int | None] = {s.label: None for s in specs}
     records: list[RunRecord] = []
     for rep in range(repeats):
         order = specs[rep % len(specs):] + specs[: rep % len(specs)]  # rotate who goes first
         for s in order:
             if progress:
                 progress(f"repeat {rep + 1}/{repeats}: {s.label}")
+            if peak_reset:
+                reset_peak_rss()
             tokens, seconds, stats = [], 0.0, []
             for prompt in prompts:
                 toks, secs, st = runners[s.label](prompt, max_new_tokens)
@@ -217,14 +233,32 @@ def run_benchmark(model: LoopedLM, specs: list[EngineSpec], prompts: list[list[i
                     stats.append(st)
             records.append(RunRecord(s.label, rep, sum(map(len, tokens)), seconds,
                                      _sum_stats(stats) if stats else None, tokens))
+            here = peak_rss_bytes()
+            decode_peak = max(decode_peak, here)
+            if s.kind == "llamacpp":
+                row_peaks[s.label] = llamacpp_peers[s.engine].peak_rss_bytes
+            elif peak_reset:
+                row_peaks[s.label] = max(row_peaks[s.label] or 0, here)
     memory = MemoryUse(model_bytes=model_bytes(model), build_peak_rss_bytes=build_peak_rss_bytes,
-                       decode_peak_rss_bytes=peak_rss_bytes(), decode_peak_is_reset=peak_reset)
+                       decode_peak_rss_bytes=decode_peak, decode_peak_is_reset=peak_reset)
     summaries = [_summarise(s, records, model, len(prompts), bandwidth) for s in specs]
+    for summary, s in zip(summaries, specs):
+        summary.model_bytes = _row_model_bytes(s, model, hf_model, llamacpp_peers)
+        summary.peak_rss_bytes = row_peaks[s.label]
     return BenchReport(
         preset=preset, config=model.config.to_dict(), dtype=weights_name(model),
         threads=torch.get_num_threads(), max_new_tokens=max_new_tokens, prompts=len(prompts),
         prompt_len=len(prompts[0]), repeats=repeats, bandwidth=bandwidth, machine=machine_info(),
         engines=summaries, notes=[], memory=memory)
+
+
+def _row_model_bytes(spec: EngineSpec, model: LoopedLM, hf_model, llamacpp_peers) -> int | None:
+    """Bytes of the weights a row decodes with (see :attr:`EngineSummary.model_bytes`)."""
+    if spec.kind == "llamacpp":
+        return llamacpp_peers[spec.engine].file_bytes
+    if spec.kind == "hf":
+        return model_bytes(hf_model) if hf_model is not None else None
+    return model_bytes(model)
 
 
 def paired_ratios(records: list[RunRecord], label: str, baseline: str) -> list[float]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..bundled import resolve_model_dir
+from ..config import PRESET_RESIDUAL_SCALE
 from ..devices import MODEL_DTYPES
 from ..kernels import FEW_ROWS
 from .common import (
@@ -22,12 +23,14 @@ from .common import (
 )
 
 PRESET_HELP = ("membound, membound-deep, ouro-1.4b-shape (Ouro-1.4B's shapes and architecture, random "
-               "weights: 5.7 GB float32, 2.9 GB with --dtype bfloat16), tiny, or default (the bundled model).")
+               "weights: 5.7 GB float32, 2.9 GB with --dtype bfloat16), nanbeige-4.2-3b-shape (Nanbeige4.2-3B's "
+               "shapes and architecture, random weights: 16.7 GB float32, 8.3 GB bfloat16, 4.4 GB int8), tiny, "
+               "or default (the bundled model).")
 # Rows of `speedec bench` when --engines is not given.
 DEFAULT_ENGINES = ("autoregressive,speed,self-speculative,hf-generate,hf-early-exit,"
                    "llamacpp-f32,llamacpp-f16,llamacpp-q8_0")
 # Presets whose default rows are fewer: at 1.4B parameters each row costs minutes.
-PRESET_ENGINES = {"ouro-1.4b-shape": "autoregressive,speed"}
+PRESET_ENGINES = {"ouro-1.4b-shape": "autoregressive,speed", "nanbeige-4.2-3b-shape": "autoregressive,speed"}
 # Rows of transformers' generate on the exported Llama: row name -> what it runs.
 HF_ROWS = {"hf-generate": "generate", "hf-early-exit": "early-exit"}
 
@@ -77,14 +80,37 @@ def bench_rows(engines: str, draft_tokens: str) -> tuple[list, list[str]]:
     return specs, notes
 
 
+def peer_rows(model, specs: list) -> tuple[list, list[str]]:
+    """The rows ``model`` can run, and notes on those dropped: the Hugging Face peers run
+    the model exported as a transformers Llama (llama models only); the llama.cpp peers
+    its GGUF export (llama, and nanbeige as llama.cpp's nanbeige architecture)."""
+    from ..errors import ConfigError
+    from ..gguf_export import check_exportable
+
+    notes = []
+    architecture = model.config.architecture
+    if architecture != "llama" and any(s.kind == "hf" for s in specs):
+        specs = [s for s in specs if s.kind != "hf"]
+        notes.append(f"the Hugging Face peers are transformers Llama exports: skipped for a {architecture} model")
+    if any(s.kind == "llamacpp" for s in specs):
+        try:
+            check_exportable(model)
+        except ConfigError as exc:
+            specs = [s for s in specs if s.kind != "llamacpp"]
+            notes.append(f"the llama.cpp peers run the GGUF export: skipped ({exc})")
+    return specs, notes
+
+
 @click.command()
 @click.option("--preset", "preset_name", default="membound", show_default=True, help=PRESET_HELP)
 @click.option("--model", "model_dir", default=None, help="Benchmark a saved model instead of a preset.")
-@click.option("--engines", default=None, show_default=DEFAULT_ENGINES + " (ouro-1.4b-shape: autoregressive,speed)",
+@click.option("--engines", default=None,
+              show_default=DEFAULT_ENGINES + " (ouro-1.4b-shape, nanbeige-4.2-3b-shape: autoregressive,speed)",
               help="Comma-separated: speedec engines, speed variants (options joined by '+': "
                    "speed+correction, speed+guesses=2, speed+adaptive, speed+correction+guesses=2+adaptive), "
-                   "hf-generate, hf-early-exit, llamacpp-f32, llamacpp-f16, llamacpp-q8_0 (llama.cpp on "
-                   "the GGUF export, K x L unrolled blocks), llamacpp-looped-f32/-f16/-q8_0 (llama.cpp's "
+                   "hf-generate, hf-early-exit (llama models only), llamacpp-f32, llamacpp-f16, llamacpp-q8_0 "
+                   "(llama.cpp, in a process of its own, on the GGUF export: K x L unrolled blocks; a nanbeige "
+                   "model: llama.cpp's nanbeige architecture), llamacpp-looped-f32/-f16/-q8_0 (llama.cpp's "
                    "looped llama: K blocks shared by L loops); skipped without llama-cpp-python.")
 @click.option("--draft-tokens", default="1,2,3,4", show_default=True,
               help="k values for self-speculative (one row each).")
@@ -103,9 +129,10 @@ def bench_rows(engines: str, draft_tokens: str) -> tuple[list, list[str]]:
               help="Random presets: scale of the residual branches (for ouro-1.4b-shape the gain of "
                    "the sandwich norms on their outputs; sets the acceptance; default: the preset's).")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "int8"]),
-              help="Weights' dtype, built directly in it (no float32 copy); int8: q8_0, quantized from "
-                   "the float32 weights at load. Default: float32 for a preset, the checkpoint's own "
-                   "for --model.")
+              help="Weights' dtype, built directly in it (no float32 copy); int8: q8_0, the float32 "
+                   "model's weights quantized one matrix at a time as they are drawn (the same as quantizing "
+                   "the float32 model, which is never made). Default: float32 for a preset, the "
+                   "checkpoint's own for --model.")
 @exit_loop_option
 def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, max_new_tokens, repeats,
           warmup, threads, seed, json_path, plots_dir, bandwidth_mb, residual_scale, dtype, exit_loop) -> None:
@@ -131,33 +158,38 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
     model = build_model(preset_name, seed=seed, model_dir=model_dir, residual_scale=residual_scale,
                         exit_loop=exit_loop, dtype=MODEL_DTYPES[dtype] if dtype else None)
     build_peak = peak_rss_bytes()
-    if model.config.architecture != "llama" and any(s.kind in ("hf", "llamacpp") for s in specs):
-        # The Hugging Face and llama.cpp peers run the model exported as a plain Llama.
-        specs = [s for s in specs if s.kind not in ("hf", "llamacpp")]
-        notes.append(f"the Hugging Face and llama.cpp peers are Llama exports: skipped for a "
-                     f"{model.config.architecture} model")
+    specs, dropped = peer_rows(model, specs)
+    notes.extend(dropped)
     label = preset_name if model_dir is None or preset_name == "default" else Path(model_dir).name
     if residual_scale is not None:
         label = f"{label}-rs{residual_scale:g}"
-    hf_model = load_hf_peer(model) if any(s.kind == "hf" for s in specs) else None
-    llamacpp_peers = None
-    if any(s.kind == "llamacpp" for s in specs):
-        from ..bench.llamacpp import load_llamacpp_peers
-
-        llamacpp_peers = load_llamacpp_peers(model, [s.engine for s in specs if s.kind == "llamacpp"])
     prompts = make_prompts(model, model_dir, count=n_prompts, length=prompt_len, seed=seed)
     if len(prompts[0]) + max_new_tokens > model.config.max_seq_len:
         raise click.UsageError("--prompt-len + --max-new-tokens exceeds the model's max_seq_len")
-    total = repeats * (len(specs) + (0 if any(s.engine == "autoregressive" for s in specs) else 1))
-    with progress_bar(total, "bench") as progress:
-        report = run_benchmark(model, specs, prompts, max_new_tokens=max_new_tokens, repeats=repeats,
-                               warmup=warmup, hf_model=hf_model, llamacpp_peers=llamacpp_peers,
-                               bandwidth=bandwidth, preset=label, progress=progress,
-                               build_peak_rss_bytes=build_peak)
+    hf_model = load_hf_peer(model) if any(s.kind == "hf" for s in specs) else None
+    llamacpp_peers = None
+    try:
+        if any(s.kind == "llamacpp" for s in specs):
+            from ..bench.llamacpp import load_llamacpp_peers
+
+            click.echo("exporting the GGUF files for llama.cpp...", err=True)
+            llamacpp_peers = load_llamacpp_peers(model, [s.engine for s in specs if s.kind == "llamacpp"])
+        total = repeats * (len(specs) + (0 if any(s.engine == "autoregressive" for s in specs) else 1))
+        with progress_bar(total, "bench") as progress:
+            report = run_benchmark(model, specs, prompts, max_new_tokens=max_new_tokens, repeats=repeats,
+                                   warmup=warmup, hf_model=hf_model, llamacpp_peers=llamacpp_peers,
+                                   bandwidth=bandwidth, preset=label, progress=progress,
+                                   build_peak_rss_bytes=build_peak)
+    finally:
+        if llamacpp_peers is not None:  # the workers end and the GGUF files are deleted
+            llamacpp_peers.close()
     report.notes.extend(notes)
+    if model_dir is None:
+        report.residual_scale = (residual_scale if residual_scale is not None
+                                 else PRESET_RESIDUAL_SCALE.get(preset_name, 1.0))
     for peer in (llamacpp_peers or {}).values():
-        report.notes.append(f"llama.cpp {peer.dtype}: model file {peer.file_bytes / 1e6:.1f} MB (memory-mapped; "
-                            f"speedec's model: {report.memory.model_bytes / 1e6:.1f} MB)")
+        report.notes.append(f"llama.cpp {peer.dtype}: {peer.path.name} ({peer.file_bytes / 1e6:.1f} MB, "
+                            f"memory-mapped; speedec's model: {report.memory.model_bytes / 1e6:.1f} MB)")
     click.echo(format_table(report))
     click.echo(format_memory(report.memory, report.dtype))
     if json_path:

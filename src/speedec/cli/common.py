@@ -127,8 +127,10 @@ exit_loop_option = click.option(
 
 def load_model(model: str | None, dtype: str | None, device: str,
                exit_loop: int | None = None) -> tuple[Path, LoopedLM]:
-    """The model directory (the bundled model when None) and its model, kernel prepared;
-    ``dtype`` None: the checkpoint's own; ``exit_loop`` replaces the model's early exit."""
+    """The model directory (the bundled model when None; a Hugging Face model id's cached
+    or downloaded snapshot: :func:`~speedec.bundled.resolve_model_dir`) and its model,
+    kernel prepared; ``dtype`` None: the checkpoint's own; ``exit_loop`` replaces the
+    model's early exit."""
     directory = resolve_model_dir(model)
     loaded = LoopedLM.from_pretrained(directory, dtype=None if dtype is None else MODEL_DTYPES[dtype],
                                       device=parse_device(device), exit_loop=exit_loop)

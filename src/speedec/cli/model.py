@@ -45,17 +45,15 @@ def init(preset_name, config_file, out, seed, residual_scale, force) -> None:
 @click.argument("out_dir")
 def export_hf(model_dir, out_dir) -> None:
     """Write MODEL_DIR as a Hugging Face checkpoint in OUT_DIR: a plain Llama (K*L layers), or an
-    imported model in its own architecture's format."""
-    import shutil
-
+    imported model in its own architecture's format; with its tokenizer and chat files."""
+    from ..bundled import resolve_model_dir
     from ..hf import export_hf as export
-    from ..tokenizer import TOKENIZER_FILE
+    from ..storage import copy_companions
 
+    model_dir = resolve_model_dir(model_dir)  # a directory or a Hugging Face Hub id
     model = LoopedLM.from_pretrained(model_dir)
     export(model, out_dir)
-    tokenizer = Path(model_dir) / TOKENIZER_FILE
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, Path(out_dir) / TOKENIZER_FILE)
+    copy_companions(model_dir, out_dir)
     if model.config.architecture == "llama":
         click.echo(f"wrote {out_dir} (LlamaForCausalLM, {model.config.n_virtual_layers} layers)")
     else:
@@ -70,18 +68,21 @@ def export_hf(model_dir, out_dir) -> None:
               help="Weight type of the matrices (default: q8_0 for a quantized model, which writes its own "
                    "blocks, else f32; norms stay f32; q8_0 writes f16 where rows do not split into "
                    "blocks of 32).")
-@click.option("--looped", is_flag=True,
-              help="llama.cpp's looped llama (architecture nanbeige: the K blocks once, run L times) "
-                   "instead of a plain llama with K x L blocks.")
+@click.option("--looped/--unrolled", default=None,
+              help="--looped: llama.cpp's looped architecture (nanbeige: the K blocks once, run L times); "
+                   "--unrolled: a plain llama with K x L blocks. Default: looped for a nanbeige model (a "
+                   "nanbeige model whose final norm closes every loop has no unrolled form), unrolled for "
+                   "a llama one.")
 def export_gguf(model_dir, out_file, dtype, looped) -> None:
-    """Write MODEL_DIR as a llama GGUF file (K*L layers, or K shared by L loops with --looped) for
-    llama.cpp, with its tokenizer."""
-    from ..gguf_export import check_exportable
+    """Write MODEL_DIR as a GGUF file for llama.cpp, with its tokenizer: a plain llama (K*L
+    layers), or llama.cpp's looped nanbeige architecture (K layers shared by L loops)."""
+    from ..gguf_export import check_exportable, export_looped
     from ..gguf_export import export_gguf as export
     from ..tokenizer import TOKENIZER_FILE
 
     model = LoopedLM.from_pretrained(model_dir)
-    check_exportable(model)
+    check_exportable(model, looped)
+    looped = export_looped(model, looped)
     if dtype is None:
         dtype = "q8_0" if model.config.quantization == "q8_0" else "f32"
     tokenizer = Path(model_dir) / TOKENIZER_FILE
@@ -89,15 +90,12 @@ def export_gguf(model_dir, out_file, dtype, looped) -> None:
            name=Path(model_dir).resolve().name, looped=looped)
     vocab = "with its tokenizer" if tokenizer.is_file() else "no tokenizer (token ids only)"
     c = model.config
-    layout = (f"looped llama, {c.n_unique_layers} layers x {c.n_loops} loops" if looped
-              else f"llama, {c.n_virtual_layers} layers")
+    if looped:
+        norm = "final norm closing every loop" if c.loop_norm else "final norm once"
+        layout = f"nanbeige (looped), {c.n_unique_layers} layers x {c.n_loops} loops, {norm}"
+    else:
+        layout = f"llama, {c.n_virtual_layers} layers"
     click.echo(f"wrote {out_file} ({layout}, {dtype}, {vocab})")
-
-
-# Files of a model directory besides its weights and config that a quantized copy keeps
-# (tokenizer, chat template, generation defaults, model card).
-COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "README.md")
 
 
 @click.command()
@@ -114,10 +112,12 @@ def quantize(model_dir, out_dir, dtype, force) -> None:
     import shutil
     import tempfile
 
+    from ..bundled import resolve_model_dir
     from ..errors import ConfigError, ModelLoadError
     from ..quant import quantize_model
+    from ..storage import copy_companions
 
-    source, out = Path(model_dir), Path(out_dir)
+    source, out = Path(resolve_model_dir(model_dir)), Path(out_dir)
     if out.resolve() == source.resolve():
         raise click.UsageError("OUT_DIR must differ from MODEL_DIR")
     if out.exists() and not force:
@@ -132,9 +132,7 @@ def quantize(model_dir, out_dir, dtype, force) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         quantized.save_pretrained(staging)
-        for name in COMPANION_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, staging / name)
+        copy_companions(source, staging)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+from pathlib import Path
 
 import click
 
@@ -80,7 +81,7 @@ def serve_command(model_dir, model_name, host, port, engine, max_rows, max_queue
     /v1/chat/completions, /v1/models, /health, /metrics). See docs/serving.md."""
     import uvicorn
 
-    from ..bundled import resolve_model_dir
+    from ..bundled import hub_reference, resolve_model_dir
     from ..serve.app import chat_renderer, create_app, mark_draining
     from ..serve.scheduler import Scheduler
     from ..tokenizer import load_tokenizer
@@ -92,7 +93,9 @@ def serve_command(model_dir, model_name, host, port, engine, max_rows, max_queue
         directory, model = load_model(model_dir, dtype, "cpu")
         tokenizer = load_tokenizer(directory, model.config.vocab_size)
         if model_name is None:
-            model_name = BUNDLED_MODEL_NAME if model_dir is None else resolve_model_dir(model_dir).resolve().name
+            model_name = (BUNDLED_MODEL_NAME if model_dir is None  # a hub id names itself, not its snapshot
+                          else model_dir if hub_reference(model_dir) and not Path(model_dir).exists()
+                          else resolve_model_dir(model_dir).resolve().name)
         scheduler = Scheduler(model, engine=engine, max_rows=max_rows, max_queue=max_queue, model_name=model_name)
         app = create_app(scheduler, tokenizer, model_name=model_name, chat_template=chat_renderer(directory),
                          vocab_size=model.config.vocab_size, context_length=model.config.max_seq_len)

@@ -1,7 +1,7 @@
 """Training a translator: the decoder-only recipe on padded batches of sentence pairs.
 
-Everything but the data and the forward is shared with
-:mod:`speedec.training.trainer`: the loop (:func:`run_training`: logging to
+Everything but the data and the forward is shared with the decoder-only
+recipe (:mod:`speedec.training.loop`): the loop (:func:`run_training`: logging to
 ``metrics.jsonl``, progress bar, periodic evaluation, atomic checkpoints,
 final model directory with ``tokenizer.json``), AdamW and its parameter
 groups, the warmup + cosine schedule, the early-exit loss
@@ -27,8 +27,7 @@ from ..errors import DataError, TrainingError
 from ..tokenizer import BPETokenizer
 from ..training.checkpoint import CHECKPOINT_DIR
 from ..training.distributed import Distributed, autocast, pick_device
-from ..training.loss import LossSchedule, looped_loss, loss_loops
-from ..training.trainer import (
+from ..training.loop import (
     RunCore,
     TrainSummary,
     apply_update,
@@ -43,6 +42,7 @@ from ..training.trainer import (
     set_learning_rate,
     training_tokenizer,
 )
+from ..training.loss import LossSchedule, looped_loss, loss_loops
 from .data import (
     BucketSampler,
     PairBatch,

@@ -8,7 +8,8 @@ Layout, one concern per module:
 * ``schedule``    linear warmup + cosine decay, a function of the step;
 * ``checkpoint``  atomic checkpoints (write a directory, then switch a pointer);
 * ``distributed`` single process or torchrun data parallelism;
-* ``trainer``     the loop: :func:`train`;
+* ``loop``        the training loop any kind of run shares: :func:`~speedec.training.loop.run_training`;
+* ``trainer``     the decoder-only run: :func:`train`;
 * ``evaluate``    per-loop perplexity, exit agreement, SPEED acceptance: :func:`evaluate_model`;
 * ``commands``    click commands ``train``, ``eval``, ``tokenizer train``.
 """

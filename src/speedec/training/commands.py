@@ -165,7 +165,8 @@ def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_toke
 @click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False),
               help="Trained model directory (default: the bundled model).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Where to write the model with its fitted readout (default: in place).")
+              help="Where to write the model with its fitted readout (default: in place; an imported "
+                   "checkpoint is never overwritten and needs --out).")
 @click.option("--train", "train_file", required=True, type=click.Path(dir_okay=False),
               help="Training text (the readout learns to match the final loop on it).")
 @click.option("--val", "val_file", required=True, type=click.Path(dir_okay=False),
@@ -191,12 +192,20 @@ def train_exit_command(model_dir, out_dir, train_file, val_file, rank, exit_loop
     """
     from ..bundled import resolve_model_dir
     from ..model import LoopedLM
+    from ..storage import is_imported
     from ..tokenizer import load_tokenizer
     from .exit_fit import ExitFitSettings, fit_exit_readout, save_fitted
 
     set_threads(threads)
+    given = model_dir
     model_dir = Path(resolve_model_dir(model_dir))
+    if out_dir is None and given is not None and not Path(given).exists():
+        raise click.UsageError(f"{given} is a Hugging Face Hub id, whose cached files are not overwritten; "
+                               "give --out DIR for the fitted model")
     out_dir = Path(out_dir) if out_dir is not None else model_dir
+    if out_dir.resolve() == model_dir.resolve() and is_imported(model_dir):
+        raise click.UsageError(f"{model_dir} is an imported checkpoint, which is not overwritten; "
+                               "give --out DIR for the fitted model")
     model = LoopedLM.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     settings = ExitFitSettings(rank=rank, exit_loop=exit_loop, steps=steps, batch_size=batch_size,

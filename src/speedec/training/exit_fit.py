@@ -12,7 +12,6 @@ exit's agreement and the report shows before and after on validation.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from ..errors import ConfigError, TrainingError
 from ..model import LoopedLM
-from ..tokenizer import TOKENIZER_FILE, Tokenizer
+from ..tokenizer import Tokenizer
 from .data import check_tokens, evaluation_windows, load_tokens, training_batch
 from .evaluate import loop_metrics
 from .loss import distillation
@@ -145,11 +144,14 @@ def fit_exit_readout(model: LoopedLM, tokenizer: Tokenizer, train_file: str | Pa
 
 
 def save_fitted(result: ExitFitResult, source_dir: Path, out_dir: Path) -> None:
-    """Write the fitted model to ``out_dir`` (atomically; in place when it is ``source_dir``),
-    with the source's tokenizer."""
-    from ..storage import atomic_write
+    """Write the fitted model to ``out_dir`` in speedec's format (atomically; in place when
+    it is ``source_dir``), with the source's tokenizer and chat files. An imported
+    checkpoint (Ouro, Nanbeige) is never overwritten: its directory keeps the
+    checkpoint as published."""
+    from ..storage import copy_companions, is_imported
 
+    if Path(out_dir).resolve() == Path(source_dir).resolve() and is_imported(source_dir):
+        raise TrainingError(f"{source_dir} is an imported checkpoint, which is not overwritten; "
+                            "write the fitted model elsewhere (--out DIR)")
     result.model.save_pretrained(out_dir)
-    tokenizer = Path(source_dir) / TOKENIZER_FILE
-    if tokenizer.is_file() and Path(out_dir).resolve() != Path(source_dir).resolve():
-        atomic_write(Path(out_dir) / TOKENIZER_FILE, lambda tmp: shutil.copyfile(tokenizer, tmp))
+    copy_companions(source_dir, out_dir)

@@ -1,0 +1,163 @@
+"""The completion endpoints: a validated body (:mod:`.schemas`) checked against the
+served model, submitted to the scheduler and answered (:mod:`.streaming`).
+
+What pydantic cannot know is checked here: the model's name (404), prompt token
+ids within the vocabulary, the chat template (and its options), the default
+``max_tokens`` against the context. The scheduler checks prompt + ``max_tokens``
+against the context itself; its refusals name the field they are about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
+from starlette.background import BackgroundTask
+
+from ..errors import GenerationError, SpeedecError
+from ..sampling import SamplingParams
+from .errors import ApiError
+from .requests import QueueFull, ServeRequest, ShuttingDown
+from .schemas import ChatCompletionRequest, CompletionRequest
+from .state import ServerState
+from .streaming import Answer, Prepared
+
+logger = logging.getLogger("speedec.serve")
+
+DEFAULT_MAX_TOKENS = 16
+# Fields of a request that an error message of the scheduler may name (first one named wins).
+_FIELDS = ("max_tokens", "prompt", "messages", "temperature", "top_p", "top_k", "seed", "stop", "n")
+_FIELD_PATTERN = re.compile(r"\b(" + "|".join(_FIELDS) + r"|max_new_tokens|prompt_ids)\b")
+
+
+class JsonBodyRoute(APIRoute):
+    """A route whose body is JSON whatever content type the client names: ``curl -d``
+    sends ``application/x-www-form-urlencoded`` and some clients send none, where
+    FastAPI would hand pydantic the raw bytes."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def json_handler(request: Request) -> Response:
+            headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
+            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+            request.__dict__.pop("_headers", None)  # Starlette caches the headers it has read
+            return await handler(request)
+        return json_handler
+
+
+async def answer(state: ServerState, request: Request, body: CompletionRequest | ChatCompletionRequest, *,
+                 chat: bool) -> Response:
+    """Check, submit, answer; every failure raises an :class:`ApiError`."""
+    try:
+        parsed = prepare(state, body, chat=chat)
+        if state.draining:
+            raise ShuttingDown("the server is shutting down")
+        stop_ids = state.chat_stop_token_ids if chat else state.stop_token_ids
+        try:
+            handle = state.scheduler.submit(
+                ServeRequest(prompt_ids=parsed.prompt_ids, max_tokens=parsed.max_tokens, sampling=parsed.sampling,
+                             stop_token_ids=stop_ids), asyncio.get_running_loop())
+        except QueueFull as exc:
+            raise ApiError(429, str(exc) or "the server's queue is full; try again later", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(state.retry_after_s)}) from None
+        run = Answer(state, handle, parsed, stop_ids, chat=chat)
+        if parsed.stream:
+            # The background task cancels a request whose stream never started (client gone at once).
+            return StreamingResponse(run.events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(run.cancel))
+        return await run.whole(request)
+    except ApiError:
+        raise
+    except ShuttingDown as exc:
+        raise ApiError(503, str(exc) or "the server is shutting down", type="service_unavailable") from None
+    except SpeedecError as exc:  # the scheduler's refusals (GenerationError, TokenizerError)
+        raise ApiError(400, str(exc), param=_param_of(str(exc))) from None
+    except Exception as exc:  # noqa: BLE001 - nothing a client sends may take the server down
+        logger.exception("request failed")
+        raise ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error") from None
+
+
+def prepare(state: ServerState, body: CompletionRequest | ChatCompletionRequest, *, chat: bool) -> Prepared:
+    """``body`` checked against the served model: prompt ids, the limit, sampling."""
+    if body.model is not None and body.model != state.model_name:
+        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+    if isinstance(body, ChatCompletionRequest):
+        prompt_ids, max_tokens = _chat_prompt(state, body), body.limit
+    else:
+        prompt_ids, max_tokens = _completion_prompt(state, body.prompt), body.max_tokens
+    if max_tokens is None:
+        # OpenAI's chat default is "until the turn ends": the rest of the context, when known.
+        rest = None if state.context_length is None else state.context_length - len(prompt_ids)
+        max_tokens = rest if chat and rest is not None else DEFAULT_MAX_TOKENS
+        if max_tokens < 1:
+            raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) fills the model's context of "
+                                f"{state.context_length} tokens", param="messages" if chat else "prompt")
+    try:
+        sampling = SamplingParams(temperature=body.temperature or 0.0, top_k=body.top_k, top_p=body.top_p,
+                                  seed=body.seed)
+    except GenerationError as exc:
+        raise ApiError(400, str(exc), param=_param_of(str(exc))) from None
+    options = body.stream_options
+    return Prepared(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, stop=body.stop or [],
+                    stream=bool(body.stream), include_usage=bool(options and options.include_usage),
+                    return_token_ids=bool(body.return_token_ids))
+
+
+def _param_of(message: str) -> str | None:
+    """The request field an error message names (the scheduler's messages name them)."""
+    found = _FIELD_PATTERN.search(message)
+    if found is None:
+        return None
+    return {"max_new_tokens": "max_tokens", "prompt_ids": "prompt"}.get(found.group(1), found.group(1))
+
+
+def _encode(state: ServerState, text: str, param: str, *, prompt: bool = False) -> list[int]:
+    """``text``'s ids; ``prompt``: a completion's prompt, which starts with the tokenizer's
+    beginning-of-text token when it has one (speedec.tokenizer.prompt_ids)."""
+    from ..tokenizer import prompt_ids
+
+    try:
+        return prompt_ids(state.tokenizer, text) if prompt else list(state.tokenizer.encode(text))
+    except SpeedecError as exc:
+        raise ApiError(400, str(exc), param=param) from None
+    except UnicodeError:  # JSON may carry lone surrogates, which no encoder takes
+        raise ApiError(400, f"{param} is not valid Unicode text (a lone surrogate?)", param=param) from None
+
+
+def _completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
+    """A completion's prompt ids (``prompt``: one text or one list of ids, non-empty)."""
+    ids = _encode(state, prompt, "prompt", prompt=True) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise ApiError(400, "prompt is empty", param="prompt")
+    limit = state.vocab_size
+    bad = next((i for i in ids if i < 0 or (limit is not None and i >= limit)), None)
+    if bad is not None:
+        bound = f"0..{limit - 1}" if limit is not None else "ids >= 0"
+        raise ApiError(400, f"prompt token id {bad} is outside the vocabulary ({bound})", param="prompt")
+    return ids
+
+
+def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    """A chat's prompt ids: the messages through the model's template, with the request's
+    ``chat_template_kwargs`` as template variables (such as ``enable_thinking``)."""
+    if state.chat is None:
+        raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+    turns = [{"role": message.role, "content": message.text} for message in body.messages]
+    try:
+        # render_chat refuses the variables speedec sets itself (messages, bos_token, ...).
+        text = state.chat(turns, dict(body.chat_template_kwargs or {}))
+    except SpeedecError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+    ids = _encode(state, text, "messages")
+    if not ids:
+        raise ApiError(400, "messages render to an empty prompt", param="messages")
+    return ids
