@@ -33,7 +33,7 @@ threads=${THREADS:-2}
 # The sweep's runs: one repeat of twice the prompts (as many drafts as pass 1's int8 run).
 sweep_prompts=${SWEEP_PROMPTS:-$((2 * prompts))}
 # Residual scales of the sweep besides the preset's own (0.09), which pass 1's int8 run measures.
-scales=${SCALES:-0.05 0.15 0.3}
+scales=${SCALES:-0.05 0.15 0.3 0.6 1.5}
 mkdir -p "$out"
 grep -m1 "model name" /proc/cpuinfo
 grep -o -E 'avx512[a-z_0-9]*|amx[a-z_0-9]*|avx_vnni|avx2' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
