@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from speedec import LoopedLM, ModelConfig
@@ -23,6 +24,32 @@ def random_model(config: ModelConfig, *, seed: int = 0, std: float = 0.5, residu
         with torch.no_grad():
             model.exit_readout.up.normal_(0.0, std, generator=torch.Generator().manual_seed(seed + 1))
     return model.to(dtype)
+
+
+def vary_norm_gains(model: LoopedLM, seed: int) -> None:
+    """Give every norm of ``model`` a non-trivial gain (1 + 0.3 N(0, 1), seeded)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=p.dtype))
+
+
+def check_speed_on_random_prompt(model: LoopedLM, seed: int, data) -> list[int]:
+    """A seeded random prompt and length drawn with hypothesis ``data``: ``speed`` (plain,
+    and with drawn options) gives ``autoregressive``'s tokens; returns them."""
+    import random
+
+    from speedec import generate
+
+    vocab = model.config.vocab_size
+    rng = random.Random(seed)
+    prompt = [rng.randrange(vocab) for _ in range(data.draw(st.integers(1, 12)))]
+    n_new = data.draw(st.integers(1, 40))
+    ref = generate(model, prompt, n_new, engine="autoregressive")
+    options = {"early_correction": data.draw(st.booleans()), "guesses": data.draw(st.integers(1, min(3, vocab)))}
+    for opts in ({}, options):
+        assert generate(model, prompt, n_new, engine="speed", **opts).tokens == ref.tokens, opts
+    return prompt
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -11,7 +11,6 @@ written by speedec's exporter except in the round-trip test.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from helpers import random_model, serve_requests
+from helpers import check_speed_on_random_prompt, random_model, serve_requests, vary_norm_gains
 from speedec import LoopedLM, ModelLoadError, chat_prompt, export_hf, generate
 from speedec.architectures.nanbeige import UNSUPPORTED
 from speedec.cli import cli
@@ -276,19 +275,11 @@ def nanbeige_configs():
 def test_speed_equals_autoregressive_float64_random_nanbeige(config, seed, data):
     model = random_model(config, seed=seed, std=data.draw(st.sampled_from([0.3, 0.7, 1.5])),
                          residual_scale=data.draw(st.sampled_from([1.0, 4.0, 10.0])))
-    with torch.no_grad():  # non-trivial gains on every norm
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=p.dtype))
-    rng = random.Random(seed)
-    prompt = [rng.randrange(config.vocab_size) for _ in range(data.draw(st.integers(1, 12)))]
-    n_new = data.draw(st.integers(1, 40))
-    ref = generate(model, prompt, n_new, engine="autoregressive")
-    options = {"early_correction": data.draw(st.booleans()),
-               "guesses": data.draw(st.integers(1, min(3, config.vocab_size)))}
-    for opts in ({}, options):
-        assert generate(model, prompt, n_new, engine="speed", **opts).tokens == ref.tokens, opts
-    assert generate(model, prompt, n_new, engine="self-speculative", draft_tokens=3).tokens == ref.tokens
+    vary_norm_gains(model, seed)
+    prompt = check_speed_on_random_prompt(model, seed, data)
+    n_new = 24
+    expected = generate(model, prompt, n_new, engine="autoregressive").tokens
+    assert generate(model, prompt, n_new, engine="self-speculative", draft_tokens=3).tokens == expected
 
 
 def test_server_equals_autoregressive(tmp_path):

@@ -134,3 +134,33 @@ def hf_field(data: dict, path: Path, name: str, default: Any = None) -> Any:
     if default is None:
         raise ModelLoadError(f"{path} has no {name}")
     return default
+
+
+def decoder_config_from_hf(data: dict, path: Path, *, architecture: str, loops: int, exit_loop: int | None,
+                           **fields: Any) -> ModelConfig:
+    """Our :class:`ModelConfig` for the fields every Hugging Face decoder's ``config.json``
+    shares (sizes, rotary base, norm epsilon, tied head, ``head_dim``: a head width that is
+    not ``hidden_size / num_attention_heads`` becomes ``attention_head_dim``), plus an
+    architecture's own ``fields``. Refused with the file named: an activation other than
+    silu, rope scaling, and any value ModelConfig rejects."""
+    if data.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"{path}: hidden_act {data['hidden_act']!r} is not supported (only silu)")
+    if data.get("rope_scaling"):
+        raise ModelLoadError(f"{path}: rope_scaling is not supported")
+    hidden = hf_field(data, path, "hidden_size")
+    heads = hf_field(data, path, "num_attention_heads")
+    head_dim = data.get("head_dim")
+    try:
+        square = hidden // heads
+        return ModelConfig(
+            vocab_size=hf_field(data, path, "vocab_size"), d_model=hidden, n_heads=heads,
+            n_kv_heads=hf_field(data, path, "num_key_value_heads", heads),
+            ffn_dim=hf_field(data, path, "intermediate_size"),
+            n_unique_layers=hf_field(data, path, "num_hidden_layers"), n_loops=loops, exit_loop=exit_loop,
+            max_seq_len=hf_field(data, path, "max_position_embeddings"),
+            rope_theta=float(hf_field(data, path, "rope_theta", 10000.0)),
+            norm_eps=float(hf_field(data, path, "rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(data.get("tie_word_embeddings", False)), architecture=architecture,
+            attention_head_dim=None if head_dim in (None, square) else head_dim, **fields)
+    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None

@@ -25,7 +25,7 @@ from ..conversion import Conversion
 from ..errors import ConfigError, ModelLoadError
 from ..model.layer import LoopedLayer
 from ..model.rotary import float32_rope_table
-from .base import Architecture, decoder_config, hf_field
+from .base import Architecture, decoder_config, decoder_config_from_hf
 from .llama import LlamaConversion
 
 if TYPE_CHECKING:
@@ -82,34 +82,12 @@ def config_from_hf(data: dict, path: Path) -> ModelConfig:
         if data.get(name):
             raise ModelLoadError(f"{path}: {name} = {data[name]!r} is not supported by speedec "
                                  "(only the released Nanbeige4.2 architecture is)")
-    if data.get("hidden_act", "silu") != "silu":
-        raise ModelLoadError(f"{path}: hidden_act {data['hidden_act']!r} is not supported (only silu)")
-    if data.get("rope_scaling"):
-        raise ModelLoadError(f"{path}: rope_scaling is not supported")
-    loops = num_loops(data, path)
-    hidden = hf_field(data, path, "hidden_size")
-    heads = hf_field(data, path, "num_attention_heads")
-    head_dim = data.get("head_dim")
-    if head_dim is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
-        head_dim = hidden // heads
     skip = data.get("skip_loop_final_norm", False)
     if not isinstance(skip, bool):
         raise ModelLoadError(f"{path}: skip_loop_final_norm must be true or false, got {skip!r}")
-    try:
-        return ModelConfig(
-            vocab_size=hf_field(data, path, "vocab_size"), d_model=hidden, n_heads=heads,
-            n_kv_heads=hf_field(data, path, "num_key_value_heads", heads),
-            ffn_dim=hf_field(data, path, "intermediate_size"),
-            n_unique_layers=hf_field(data, path, "num_hidden_layers"), n_loops=loops,
-            exit_loop=DEFAULT_EXIT_LOOP if loops > 1 else None,
-            max_seq_len=hf_field(data, path, "max_position_embeddings"),
-            rope_theta=float(hf_field(data, path, "rope_theta", 10000.0)),
-            norm_eps=float(hf_field(data, path, "rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(data.get("tie_word_embeddings", False)), architecture="nanbeige",
-            skip_loop_final_norm=skip,
-            attention_head_dim=head_dim if head_dim != (hidden // heads) else None)
-    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as exc:
-        raise ModelLoadError(f"{path}: {exc}") from None
+    loops = num_loops(data, path)
+    return decoder_config_from_hf(data, path, architecture="nanbeige", loops=loops,
+                                  exit_loop=DEFAULT_EXIT_LOOP if loops > 1 else None, skip_loop_final_norm=skip)
 
 
 def hf_config(model: LoopedLM) -> dict:

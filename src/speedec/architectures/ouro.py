@@ -25,7 +25,13 @@ from ..errors import ConfigError, ModelLoadError
 from ..model.layer import LoopedLayer
 from ..model.norms import RMSNorm
 from ..model.rotary import float32_rope_table
-from .base import Architecture, decoder_config, every_loop_norm, hf_field, refuse_skip_loop_final_norm
+from .base import (
+    Architecture,
+    decoder_config,
+    decoder_config_from_hf,
+    every_loop_norm,
+    refuse_skip_loop_final_norm,
+)
 from .llama import LlamaConversion
 
 if TYPE_CHECKING:
@@ -78,34 +84,12 @@ def config_from_hf(data: dict, path: Path) -> ModelConfig:
     names the file and the field it lacks or that speedec cannot run."""
     if "total_ut_steps" not in data:
         raise ModelLoadError(f"{path} has no total_ut_steps (the number of loops of an Ouro model)")
-    hidden = hf_field(data, path, "hidden_size")
-    heads = hf_field(data, path, "num_attention_heads")
-    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
-        head_dim = data.get("head_dim") or hidden // heads
-        if head_dim * heads != hidden:
-            raise ModelLoadError(f"{path}: head_dim {head_dim} x {heads} heads != hidden_size {hidden}; "
-                                 "speedec needs head_dim = hidden_size / num_attention_heads")
-    if data.get("hidden_act", "silu") != "silu":
-        raise ModelLoadError(f"{path}: hidden_act {data['hidden_act']!r} is not supported (only silu)")
-    if data.get("rope_scaling"):
-        raise ModelLoadError(f"{path}: rope_scaling is not supported")
     layer_types = data.get("layer_types") or []
     if data.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
         raise ModelLoadError(f"{path}: sliding-window attention is not supported")
     loops = data["total_ut_steps"]
     exit_loop = DEFAULT_EXIT_LOOP if isinstance(loops, int) and loops > 1 else None
-    try:
-        return ModelConfig(
-            vocab_size=hf_field(data, path, "vocab_size"), d_model=hidden, n_heads=heads,
-            n_kv_heads=hf_field(data, path, "num_key_value_heads", heads),
-            ffn_dim=hf_field(data, path, "intermediate_size"),
-            n_unique_layers=hf_field(data, path, "num_hidden_layers"), n_loops=loops, exit_loop=exit_loop,
-            max_seq_len=hf_field(data, path, "max_position_embeddings"),
-            rope_theta=float(hf_field(data, path, "rope_theta", 10000.0)),
-            norm_eps=float(hf_field(data, path, "rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(data.get("tie_word_embeddings", False)), architecture="ouro")
-    except (ConfigError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: {exc}") from None
+    return decoder_config_from_hf(data, path, architecture="ouro", loops=loops, exit_loop=exit_loop)
 
 
 def hf_config(model: LoopedLM) -> dict:
