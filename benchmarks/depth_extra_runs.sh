@@ -21,7 +21,7 @@ fi
 date; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 start=$(date +%s)
 for r in $RUNS; do
-  timeout "$LIMIT" python3 -m speedec.training train --config "configs/depth/$r.json" --device $DEV --threads 1 \
+  timeout "$LIMIT" python3 -m speedec.cli train --config "configs/depth/$r.json" --device $DEV --threads 1 \
     --no-progress $EXTRA > "runs/logs/$r.log" 2>&1 &
 done
 wait
@@ -31,7 +31,7 @@ for r in $RUNS; do
   m=runs/depth-study/$r/model
   [ -f "$m/model.safetensors" ] || continue
   for s in validation test; do
-    timeout 90 python3 -m speedec.training eval --model "$m" --data "data/english/$s.txt" --json --prompts 0 \
+    timeout 90 python3 -m speedec.cli eval --model "$m" --data "data/english/$s.txt" --json --prompts 0 \
       --threads 1 > "runs/logs/$r-$s.json" 2> "runs/logs/$r-$s.err" &
   done
 done

@@ -18,8 +18,8 @@ start when ``search`` is done, the others at once.
     python benchmarks/depth_sweep.py --out runs/depth --jobs 12 --device cuda
 
 writes one config per run (``<out>/configs``), trains each with
-``python -m speedec.training train`` and evaluates its final model on the
-validation and test splits (``python -m speedec.training eval``), and writes
+``python -m speedec.cli train`` and evaluates its final model on the
+validation and test splits (``python -m speedec.cli eval``), and writes
 ``<out>/summary.json``: every run's eval events, final metrics and wall time.
 """
 
@@ -117,7 +117,7 @@ class Sweep:
         with open(log, "w") as fh:
             remaining = max(1.0, self.deadline - time.time())
             try:
-                proc = subprocess.run([sys.executable, "-m", "speedec.training", "train", "--config",
+                proc = subprocess.run([sys.executable, "-m", "speedec.cli", "train", "--config",
                                        str(config), "--no-progress", "--device", self.device],
                                       stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=remaining)
                 result["returncode"] = proc.returncode
@@ -147,7 +147,7 @@ class Sweep:
         if remaining < 5:
             return None
         try:
-            proc = subprocess.run([sys.executable, "-m", "speedec.training", "eval", "--model", str(model_dir),
+            proc = subprocess.run([sys.executable, "-m", "speedec.cli", "eval", "--model", str(model_dir),
                                    "--data", str(ROOT / "data" / "english" / f"{split}.txt"), "--json",
                                    "--prompts", "16" if split == "validation" else "0", "--threads", "1"],
                                   capture_output=True, text=True, timeout=remaining)

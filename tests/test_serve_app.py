@@ -262,7 +262,7 @@ def test_health_503_while_draining():
     ({"prompt": 5}, "prompt"),
     ({"prompt": [1, "a"]}, "prompt"),
     ({"prompt": [1, True]}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a", []]}, "prompt"),  # a list of prompts is supported since issue 29; an empty one is not
     ({"prompt": [1, 300]}, "prompt"),
     ({"prompt": [-1]}, "prompt"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
@@ -281,10 +281,11 @@ def test_health_503_while_draining():
     ({"prompt": "a", "stop": [""]}, "stop"),
     ({"prompt": "a", "stream": "yes"}, "stream"),
     ({"prompt": "a", "stream_options": []}, "stream_options"),
-    ({"prompt": "a", "n": 2}, "n"),
+    # n, logprobs and echo are supported since issue 29: their out-of-range values are refused.
+    ({"prompt": "a", "n": 17}, "n"),
     ({"prompt": "a", "model": 3}, "model"),
-    ({"prompt": "a", "logprobs": 3}, "logprobs"),
-    ({"prompt": "a", "echo": True}, "echo"),
+    ({"prompt": "a", "logprobs": 21}, "logprobs"),
+    ({"prompt": "a", "echo": "yes"}, "echo"),
 ])
 def test_bad_fields_are_400_naming_the_field(body, param):
     scheduler = FakeScheduler()
@@ -629,9 +630,10 @@ def test_no_field_value_crashes_the_server():
      "stop may hold at most 4 strings, got 5"),
     ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": 1}}, "include_usage",
      "include_usage must be true or false, got 1"),
-    ("/v1/completions", {"prompt": "a", "n": 2}, "n", "n must be 1 (one choice per request), got 2"),
+    # n > 1 and lists of prompts are supported since issue 29: the refusals name the limits instead.
+    ("/v1/completions", {"prompt": "a", "n": 17}, "n", "n must be an integer from 1 to 16, got 17"),
     ("/v1/completions", {"prompt": None}, "prompt", "prompt is required"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "prompt holds 2 prompts; this server takes one per request"),
+    ("/v1/completions", {"prompt": ["a", ""]}, "prompt", "prompt 1 is empty"),
     ("/v1/completions", {"prompt": [1, "a"]}, "prompt", "prompt must be a string or a list of token ids"),
     ("/v1/chat/completions", {"messages": []}, "messages",
      "messages must be a non-empty list of {role, content} objects"),

@@ -157,7 +157,7 @@ def test_concurrent_requests_are_exact(client, model, tokenizer):
     ({"prompt": "Hi", "max_tokens": 100000}, "max_tokens"),
     ({"prompt": [5, 300], "max_tokens": 4}, "prompt"),
     ({"prompt": "Hi", "temperature": -1.0}, "temperature"),
-    ({"prompt": "Hi", "n": 2}, "n"),
+    ({"prompt": "Hi", "n": 17}, "n"),  # n > 1 is supported since issue 29; 16 is the most
 ])
 def test_bad_requests_raise_bad_request_error(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -207,3 +207,37 @@ def test_full_queue_raises_rate_limit_error(model, tokenizer):
             assert client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2).choices
         finally:
             scheduler.gate.set()
+
+
+def test_likelihood_request_as_lm_evaluation_harness_sends_it(client, model, tokenizer):
+    """echo + logprobs + max_tokens 0 over a list of prompts (issue 29): the OpenAI
+    client parses the legacy logprobs; each prompt's first token has none, the
+    others are the float32 log-softmax of the prefill path's logits."""
+    from speedec.cache import KVCache
+    from speedec.engines.base import prefill_hidden
+
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:2]]
+    completion = client.completions.create(model=MODEL_NAME, prompt=prompts, max_tokens=0, echo=True, logprobs=1,
+                                           temperature=0)
+    assert [c.index for c in completion.choices] == [0, 1]
+    for ids, choice in zip(prompts, completion.choices):
+        lp = choice.logprobs
+        assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids)
+        with torch.inference_mode():
+            cache = KVCache(model.config, len(ids), dtype=model.dtype, device=model.device)
+            hidden = prefill_hidden(model, cache, ids)[0]
+            rows = [torch.log_softmax(model.head(hidden[t - 1]).float(), -1) for t in range(1, len(ids))]
+        for t, row in enumerate(rows, start=1):
+            assert lp.token_logprobs[t] == row[ids[t]].item()
+            assert max(lp.top_logprobs[t].values()) == row.max().item()
+    assert completion.usage.completion_tokens == 0
+
+
+def test_n_choices_through_the_client(client, model, tokenizer):
+    completion = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=6, n=3, logprobs=2)
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    assert len({c.text for c in completion.choices}) == 1  # greedy
+    reply = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=4, logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert content and all(len(item.top_logprobs) == 2 for item in content)

@@ -1,5 +1,5 @@
 """The shape of the source tree: no import cycles between modules, no module too long
-to read, the architectures in one registry."""
+to read, the architectures in one registry, the command line on top of the library."""
 
 from __future__ import annotations
 
@@ -75,6 +75,26 @@ def module_level_imports(name: str, path: Path, modules) -> set[str]:
     return found
 
 
+def all_imports(name: str, path: Path) -> set[str]:
+    """Every module an ``import`` or ``from ... import`` statement of ``name`` names, wherever
+    the statement is (module level, functions, classes, ``if TYPE_CHECKING:``), relative ones
+    resolved: ``from package import a`` names ``package`` and ``package.a``."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0]
+                base = f"{base}.{node.module}" if node.module else base
+            else:
+                base = node.module
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
 def import_graph() -> dict[str, set[str]]:
     """speedec module -> the speedec modules it imports at module level."""
     modules = module_files()
@@ -147,6 +167,29 @@ def test_relative_imports_resolve(tmp_path):
     found = module_level_imports("speedec.architectures.x", path, module_files())
     assert found - {"typing"} == {"speedec.model.layer", "speedec.architectures.base"}  # (`from . import base`)
     assert not any(m.startswith(("speedec.hf", "speedec.storage")) for m in found)
+
+
+def test_all_imports_include_functions(tmp_path):
+    path = tmp_path / "x.py"
+    path.write_text("import os\nfrom .. import cli\n"
+                    "def f():\n    import click\n    from ..cli.common import load_model\n"
+                    "class C:\n    from . import base\n")
+    found = all_imports("speedec.training.x", path)
+    assert {"os", "click", "speedec.cli", "speedec.cli.common", "speedec.training.base"} <= found
+
+
+def _is_within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_only_the_cli_imports_the_cli_and_click():
+    """Every click command lives in speedec.cli, and the library under it never imports it
+    (nor click), at module level or in a function."""
+    offenders = sorted(f"{name} imports {target}" for name, path in module_files().items()
+                       if not _is_within(name, "speedec.cli")
+                       for target in all_imports(name, path)
+                       if _is_within(target, "speedec.cli") or _is_within(target, "click"))
+    assert not offenders, offenders
 
 
 def test_no_module_level_import_cycles():

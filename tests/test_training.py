@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from helpers import train_killed_after_step_3
 from speedec import LoopedLM, ModelConfig
+from speedec.cli.train import eval_command, tokenizer_group, train_command
 from speedec.errors import SpeedecError, TrainingError
 from speedec.model import LoopedOutput
 from speedec.tokenizer import BPETokenizer, train_bpe
@@ -30,7 +31,6 @@ from speedec.training import (
     trainer,
 )
 from speedec.training import checkpoint as ckpt
-from speedec.training.commands import eval_command, tokenizer_group, train_command
 from speedec.training.data import (
     encode_text,
     evaluation_windows,
@@ -325,7 +325,7 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         "-m", "speedec.training", "train", "--config", str(config_file), "--no-progress"],
+         "-m", "speedec.cli", "train", "--config", str(config_file), "--no-progress"],
         capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("trained 4 steps") == 1  # only rank 0 reports
@@ -406,6 +406,6 @@ def test_cli_commands(corpus, tmp_path):
     assert isinstance(result.exception, SpeedecError)
 
     # The standalone entry point turns them into `error: ...` and exit code 2.
-    proc = subprocess.run([sys.executable, "-m", "speedec.training", "train", "--config",
+    proc = subprocess.run([sys.executable, "-m", "speedec.cli", "train", "--config",
                            str(tmp_path / "missing.json")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1

@@ -10,15 +10,14 @@ from ..bundled import resolve_model_dir
 from ..config import PRESET_RESIDUAL_SCALE
 from ..devices import MODEL_DTYPES
 from ..kernels import FEW_ROWS
-from .common import (
+from .common import parse_ids, progress_bar, split_list
+from .options import (
     AT_LEAST_ONE,
     POSITIVE,
     IntRange,
+    Placement,
     exit_loop_option,
-    parse_ids,
-    progress_bar,
-    set_threads,
-    split_list,
+    placement_options,
     threads_option,
 )
 
@@ -119,7 +118,7 @@ def peer_rows(model, specs: list) -> tuple[list, list[str]]:
 @click.option("--max-new-tokens", default=64, show_default=True, type=AT_LEAST_ONE)
 @click.option("--repeats", default=5, show_default=True, type=AT_LEAST_ONE)
 @click.option("--warmup", default=1, show_default=True, type=int)
-@threads_option(2)
+@placement_options(threads_option(2))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
 @click.option("--plots", "plots_dir", default=None, help="Write PNG plots into this directory.")
@@ -135,7 +134,7 @@ def peer_rows(model, specs: list) -> tuple[list, list[str]]:
                    "checkpoint's own for --model.")
 @exit_loop_option
 def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, max_new_tokens, repeats,
-          warmup, threads, seed, json_path, plots_dir, bandwidth_mb, residual_scale, dtype, exit_loop) -> None:
+          warmup, placement: Placement, seed, json_path, plots_dir, bandwidth_mb, residual_scale, dtype, exit_loop) -> None:
     """Measure engines side by side (interleaved, paired) and print a table, then the
     model's size and the process's peak resident memory (building, decoding)."""
     from ..bench import measure_bandwidth, run_benchmark
@@ -143,7 +142,7 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
     from ..bench.report import format_table, write_json, write_plots
     from ..bench.setup import build_model, load_hf_peer, make_prompts
 
-    set_threads(threads)
+    placement.set_threads()
     model_dir = _model_dir(preset_name, model_dir)
     if residual_scale is not None and model_dir is not None:
         raise click.UsageError("--residual-scale takes a positive number and applies to random presets only")
@@ -212,14 +211,14 @@ def bench(preset_name, model_dir, engines, draft_tokens, n_prompts, prompt_len, 
               type=click.Choice(["float32", "bfloat16", "int8"]),
               help="Weights' dtype (bfloat16: the kernels' bf16 weight paths; int8: q8_0, one row per "
                    "8-bit kernel path this CPU runs).")
-@threads_option(2)
-def kernels(preset_name, model_dir, max_rows, rounds, repeats, dtype, threads) -> None:
+@placement_options(threads_option(2))
+def kernels(preset_name, model_dir, max_rows, rounds, repeats, dtype, placement: Placement) -> None:
     """Time one step (K layers) against the rows in flight, for each matmul kernel."""
     from ..bench.kernels import compare_kernels, format_kernel_table
     from ..bench.setup import build_model
     from ..kernels import active_kernel, available_kernels, float_paths_report, kernel_choice
 
-    set_threads(threads)
+    placement.set_threads()
     model = build_model(preset_name, model_dir=_model_dir(preset_name, model_dir), dtype=MODEL_DTYPES[dtype])
     click.echo(f"active kernel: {active_kernel()} (SPEEDEC_KERNEL={kernel_choice()}), weights {dtype}")
     click.echo(f"float paths here: {float_paths_report()}")

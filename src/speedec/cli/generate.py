@@ -8,15 +8,16 @@ import sys
 import click
 
 from ..errors import GenerationError, SpeedecError
-from .common import (
+from .common import load_model, parse_ids
+from .options import (
+    Placement,
+    Sampling,
+    Speculation,
     device_option,
-    engine_options,
     exit_loop_option,
-    load_model,
     model_dtype_option,
-    parse_ids,
+    placement_options,
     sampling_options,
-    set_threads,
     speculation_options,
     threads_option,
 )
@@ -42,15 +43,14 @@ from .common import (
 @click.option("--eos-token-id", type=int, default=None,
               help="Stop at this token (default: the tokenizer's end-of-text, if any).")
 @sampling_options
-@model_dtype_option
-@device_option
-@threads_option()
+@placement_options(model_dtype_option, device_option, threads_option())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
 @click.option("--stream", is_flag=True, help="Print text as tokens are verified.")
 @click.option("--quiet", "-q", is_flag=True, help="No line of speed statistics on stderr.")
-def generate(prompt_arg, model_dir, prompt, prompt_ids, chat, thinking, max_new_tokens, engine, draft_tokens,
-             early_correction, guesses, adaptive, exit_loop, eos_token_id, temperature, top_k, top_p, seed, dtype, device,
-             threads, as_json, stream, quiet) -> None:
+def generate(prompt_arg: str | None, model_dir: str | None, prompt: str | None, prompt_ids: str | None,
+             chat: bool, thinking: bool | None, max_new_tokens: int, engine: str, speculation: Speculation,
+             exit_loop: int | None, eos_token_id: int | None, sampling: Sampling, placement: Placement,
+             as_json: bool, stream: bool, quiet: bool) -> None:
     """Generate a continuation of a prompt (greedy by default, where every engine gives the
     same tokens; with --temperature every engine samples from the same distribution).
 
@@ -68,7 +68,7 @@ def generate(prompt_arg, model_dir, prompt, prompt_ids, chat, thinking, max_new_
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of PROMPT/--prompt or --prompt-ids")
     engine_class(engine)
-    set_threads(threads)
+    placement.set_threads()
     ids = parse_ids(prompt_ids) if prompt_ids is not None else None
     if prompt is not None and not prompt:
         raise GenerationError("the prompt is empty")
@@ -76,7 +76,7 @@ def generate(prompt_arg, model_dir, prompt, prompt_ids, chat, thinking, max_new_
         raise click.UsageError("--chat needs a text prompt, not --prompt-ids")
     if thinking is not None and not chat:
         raise click.UsageError("--thinking/--no-thinking need --chat")
-    directory, model = load_model(model_dir, dtype, device, exit_loop)
+    directory, model = load_model(model_dir, placement, exit_loop)
     # What stdout shows before the continuation: the text prompt, or the user's message.
     shown = None if prompt is None else prompt + "\n" if chat else prompt
     if chat:
@@ -96,10 +96,9 @@ def generate(prompt_arg, model_dir, prompt, prompt_ids, chat, thinking, max_new_
     # (a tokenizer may drop a token's leading space at the start of a text).
     context = ids[-_CONTEXT_TOKENS:] if shown is not None else []
     printer = _StreamPrinter(tokenizer, context, shown) if stream and not as_json else None
-    options = engine_options(draft_tokens, early_correction, guesses, adaptive)
     result = run_generate(model, ids, max_new_tokens, engine=engine, eos_token_id=eos_token_id,
-                          on_token=printer.add if printer else None, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed, **options)
+                          on_token=printer.add if printer else None, **sampling.as_kwargs(),
+                          **speculation.engine_options())
     if as_json:
         text = tokenizer.decode(result.tokens) if tokenizer is not None else None
         click.echo(json.dumps({"engine": engine, "prompt_ids": ids, "tokens": result.tokens,

@@ -8,7 +8,7 @@ import click
 
 from ..config import PRESET_RESIDUAL_SCALE, ModelConfig, preset
 from ..model import LoopedLM
-from .common import POSITIVE
+from .options import POSITIVE
 
 
 @click.command()

@@ -1,6 +1,6 @@
 """``speedec serve`` (an OpenAI-compatible HTTP server) and ``speedec loadtest``.
 
-Imported only when one of the two commands runs (``EXTERNAL_COMMANDS``), so that
+Imported only when one of the two commands runs (``LAZY_COMMANDS``), so that
 the other commands never import FastAPI or uvicorn.
 """
 
@@ -13,14 +13,15 @@ from pathlib import Path
 
 import click
 
-from .common import (
+from .common import split_list
+from .options import (
     AT_LEAST_ONE,
     POSITIVE,
     FloatRange,
     IntRange,
+    Placement,
     model_dtype_option,
-    set_threads,
-    split_list,
+    placement_options,
     threads_option,
 )
 
@@ -71,11 +72,10 @@ def _display_url(host: str, sock: socket.socket) -> str:
                    "default: where the step cost per row, measured at start, is lowest).")
 @click.option("--max-queue", type=IntRange(min=0), default=64, show_default=True,
               help="Requests waiting for rows beyond which new ones get HTTP 429.")
-@model_dtype_option
-@threads_option()
+@placement_options(model_dtype_option, threads_option())
 @click.option("--shutdown-deadline", type=FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds in-flight requests get to finish after SIGTERM/SIGINT.")
-def serve_command(model_dir, model_name, host, port, engine, max_rows, max_queue, dtype, threads,
+def serve_command(model_dir, model_name, host, port, engine, max_rows, max_queue, placement: Placement,
                   shutdown_deadline) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions,
     /v1/chat/completions, /v1/models, /health, /metrics). See docs/serving.md."""
@@ -87,10 +87,10 @@ def serve_command(model_dir, model_name, host, port, engine, max_rows, max_queue
     from ..tokenizer import load_tokenizer
     from .common import load_model
 
-    set_threads(threads)
+    placement.set_threads()
     sock = _bind(host, port)
     try:
-        directory, model = load_model(model_dir, dtype, "cpu")
+        directory, model = load_model(model_dir, placement)
         tokenizer = load_tokenizer(directory, model.config.vocab_size)
         if model_name is None:
             model_name = (BUNDLED_MODEL_NAME if model_dir is None  # a hub id names itself, not its snapshot

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import AT_LEAST_ONE, load_model, progress_bar, set_threads, split_list, threads_option
+from .common import load_model, progress_bar, split_list
+from .options import AT_LEAST_ONE, Placement, placement_options, threads_option
 
 ENGINES_HELP = ("Comma-separated rows: autoregressive (required), speed, and speed variants such as "
                 "speed+correction (as in bench).")
@@ -80,10 +81,10 @@ def _outputs(func):
 @click.option("--max-new-tokens", default=64, show_default=True, type=AT_LEAST_ONE)
 @click.option("--engines", default="autoregressive,speed", show_default=True, help=ENGINES_HELP)
 @click.option("--repeats", default=3, show_default=True, type=AT_LEAST_ONE)
-@threads_option(2)
+@placement_options(threads_option(2))
 @_outputs
-def depth(models, data_file, test_file, labels, n_prompts, prompt_len, max_new_tokens, engines, repeats, threads,
-          json_path, plot_path) -> None:
+def depth(models, data_file, test_file, labels, n_prompts, prompt_len, max_new_tokens, engines, repeats,
+          placement: Placement, json_path, plot_path) -> None:
     """Decoder-only models: perplexity (final and after every loop), exit agreement and
     latency relative to the first model's autoregressive decoding; --plot draws the
     Pareto chart (latency against validation perplexity, one point per model and engine)."""
@@ -93,14 +94,14 @@ def depth(models, data_file, test_file, labels, n_prompts, prompt_len, max_new_t
     from ..training.evaluate import evaluate_model
 
     rows = study_rows(engines)
-    set_threads(threads)
+    placement.set_threads()
     dirs = _model_dirs(models)
     names = split_list(labels) if labels else None
     if names is not None and len(names) != len(dirs):
         raise click.UsageError(f"--labels gives {len(names)} names for {len(dirs)} models")
     entries = []
     for i, directory in enumerate(dirs):
-        _, model = load_model(directory, "float32", "cpu")
+        _, model = load_model(directory, Placement(dtype="float32"))
         tokenizer = load_tokenizer(directory, model.config.vocab_size)
         metrics = evaluate_model(model, tokenizer, data_file, prompts=0)
         quality = {"ppl": metrics["ppl"]}
@@ -132,9 +133,10 @@ def depth(models, data_file, test_file, labels, n_prompts, prompt_len, max_new_t
               help="Sentences of the split timed per repetition (BLEU uses the whole split).")
 @click.option("--engines", default="autoregressive,speed", show_default=True, help=ENGINES_HELP)
 @click.option("--repeats", default=3, show_default=True, type=AT_LEAST_ONE)
-@threads_option(2)
+@placement_options(threads_option(2))
 @_outputs
-def translation(models, data_dir, split, sentences, engines, repeats, threads, json_path, plot_path) -> None:
+def translation(models, data_dir, split, sentences, engines, repeats, placement: Placement, json_path,
+                plot_path) -> None:
     """Translators: test BLEU/chrF against ms per sentence (autoregressive and speed)."""
     from ..bench.study import translation_entry
     from ..encdec.data import read_pairs, split_path
@@ -142,7 +144,7 @@ def translation(models, data_dir, split, sentences, engines, repeats, threads, j
     from ..encdec.translate import encode_source, load_translator
 
     rows = study_rows(engines)
-    set_threads(threads)
+    placement.set_threads()
     pairs = read_pairs(split_path(data_dir, split))
     entries = []
     for directory in _model_dirs(models):

@@ -9,8 +9,8 @@ Around them: ``translate`` / ``load_translator`` (text in, text out with the
 model's shared tokenizer), ``TranslationConfig`` / ``train_translation``
 (the decoder-only training recipe on a parallel corpus, module ``trainer``),
 ``evaluate_translation`` (BLEU and chrF with sacrebleu, engine speed and
-acceptance), ``data`` (corpus reading, joint tokenizer, cached tokens,
-length-bucketed batches) and ``commands`` (the CLI).
+acceptance) and ``data`` (corpus reading, joint tokenizer, cached tokens,
+length-bucketed batches). The commands are in :mod:`speedec.cli.translate`.
 """
 
 from .config import EncDecConfig

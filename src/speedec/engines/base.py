@@ -156,10 +156,14 @@ def validate_request(model: DecodingModel, prompt_ids: Sequence[int], max_new_to
 def prefill(model: DecodingModel, cache: KVCache, prompt: list[int]) -> torch.Tensor:
     """Run the prompt through all L loops in one batched pass; return the final
     logits ``[V]`` of its last position (they give the first new token)."""
+    return model.head(prefill_hidden(model, cache, prompt)[0, -1])
+
+
+def prefill_hidden(model: DecodingModel, cache: KVCache, prompt: list[int]) -> torch.Tensor:
+    """:func:`prefill`'s pass: the final loop's states ``[1, T, D]`` of every prompt position."""
     layout = model.layout([list(range(len(prompt)))], [0])
     x = model.embed(torch.tensor([prompt], device=model.device))  # [1, T, D]
-    x = model.run_loops(x, layout, cache, model.config.n_loops)
-    return model.head(x[0, -1])
+    return model.run_loops(x, layout, cache, model.config.n_loops)
 
 
 class Engine(ABC):

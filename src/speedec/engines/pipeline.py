@@ -128,8 +128,12 @@ class Pipeline:
     def __init__(self, model: DecodingModel, cache: KVCache, first_pos: int, out: Output,
                  stats: GenerationStats, sampler: Sampler, *, early_correction: bool = False,
                  guesses: int = 1, policy: SpeculationPolicy | None = None, speculate: bool = True,
-                 transform: LogitsTransform | None = None) -> None:
+                 transform: LogitsTransform | None = None, keep_final: bool = False) -> None:
         """``out.tokens[-1]`` (at ``first_pos``, from prefill) enters at loop 0.
+
+        ``keep_final``: every verified token's final logits ``[V]`` (as the step
+        computed them, before ``transform``) are appended to :attr:`finals`, one
+        per emitted token and in order (the server's logprobs; the reader pops them).
 
         ``speculate=False``: no guesses at all (no exit read either): every token
         runs its L loops alone, one row per step (the server's autoregressive rows).
@@ -144,6 +148,8 @@ class Pipeline:
         self.cache, self.out, self.stats, self.sampler = cache, out, stats, sampler
         self.early_correction, self.guesses, self.policy = early_correction, guesses, policy
         self.speculate, self.transform = speculate, transform
+        self.keep_final = keep_final
+        self.finals: list[torch.Tensor] = []
         # A slot at position q is needed only while its successor's token is:
         # the last token to generate sits at first_pos + max_new_tokens - 1.
         self.last_needed_pos = first_pos + out.max_new_tokens - 2
@@ -215,6 +221,8 @@ class Pipeline:
         if logits is None:
             return []
         stats.lm_head_calls += 1
+        if reads.final and self.keep_final:
+            self.finals.append(logits[0])  # verify emits exactly one token from row 0
         if self.transform is not None:
             logits = self.transform(logits, reads.targets)
         read = _Logits(logits, self.sampler.greedy)

@@ -7,7 +7,8 @@
 * :mod:`.errors`: :class:`ApiError` and the one exception handler, which answers every
   failure as an OpenAI-style body (a refused field is a 400 naming it);
 * :mod:`.routes`: the completion endpoints (checks against the served model, submission);
-* :mod:`.streaming`: token chunks into text, whole or as Server-Sent Events (:class:`TextStream`);
+* :mod:`.streaming`: token chunks into text, whole or as Server-Sent Events (:class:`TextStream`),
+  with their logprobs (:mod:`.logprobs` computes them in the scheduler);
 * :mod:`.metrics`: ``/metrics`` in Prometheus text format (:func:`prometheus_text`);
 * :mod:`.state`: what the endpoints share, and :func:`chat_renderer`.
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ..engines.base import Output
 from ..errors import SpeedecError
 from ..sampling import SamplingParams
+from .logprobs import TokenLogprob
 
 
 class QueueFull(SpeedecError, RuntimeError):
@@ -35,6 +36,11 @@ class ServeRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # Token ids that end the request (emitted, then finish_reason "stop").
     stop_token_ids: frozenset[int] = frozenset()
+    # Each generated token's logprob and its top ``logprobs`` alternatives (None: none).
+    logprobs: int | None = None
+    # The prompt's logprobs (echo), each position with its top ``prompt_logprobs``
+    # alternatives (None: none). ``max_tokens`` may be 0 then (the prompt alone).
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -68,6 +74,10 @@ class RequestHandle:
         self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
         self.request = request
         self.tokens: list[int] = []
+        # request.logprobs set: each token's TokenLogprob, filled before the token is pushed.
+        self.logprobs: list[TokenLogprob] = []
+        # request.prompt_logprobs set: positions 1.. of the prompt (position 0 has none).
+        self.prompt_logprobs: list[TokenLogprob] | None = None
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.stats = RequestStats(prompt_tokens=len(request.prompt_ids))
@@ -118,10 +128,12 @@ class RequestHandle:
             except RuntimeError:  # the client's event loop is closed: nobody listens
                 pass
 
-    def _deliver(self, tokens: list[int]) -> None:
+    def _deliver(self, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
         if not tokens:
             return
         with self._cond:
+            if logprobs is not None:
+                self.logprobs.extend(logprobs)
             if self.stats.time_to_first_token_s is None:
                 self.stats.time_to_first_token_s = time.perf_counter() - self.submitted
             self.tokens.extend(tokens)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -24,9 +25,9 @@ from ..errors import GenerationError, SpeedecError
 from ..sampling import SamplingParams
 from .errors import ApiError
 from .requests import QueueFull, ServeRequest, ShuttingDown
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import SEED_RANGE, ChatCompletionRequest, CompletionRequest
 from .state import ServerState
-from .streaming import Answer, Prepared
+from .streaming import Answer, Prepared, events, whole
 
 logger = logging.getLogger("speedec.serve")
 
@@ -56,24 +57,28 @@ async def answer(state: ServerState, request: Request, body: CompletionRequest |
                  chat: bool) -> Response:
     """Check, submit, answer; every failure raises an :class:`ApiError`."""
     try:
-        parsed = prepare(state, body, chat=chat)
+        choices = prepare_all(state, body, chat=chat)
         if state.draining:
             raise ShuttingDown("the server is shutting down")
         stop_ids = state.chat_stop_token_ids if chat else state.stop_token_ids
+        handles: list = []
         try:
-            handle = state.scheduler.submit(
-                ServeRequest(prompt_ids=parsed.prompt_ids, max_tokens=parsed.max_tokens, sampling=parsed.sampling,
-                             stop_token_ids=stop_ids), asyncio.get_running_loop())
-        except QueueFull as exc:
-            raise ApiError(429, str(exc) or "the server's queue is full; try again later", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(state.retry_after_s)}) from None
-        run = Answer(state, handle, parsed, stop_ids, chat=chat)
-        if parsed.stream:
-            # The background task cancels a request whose stream never started (client gone at once).
-            return StreamingResponse(run.events(), media_type="text/event-stream",
+            for parsed in choices:
+                handles.append(_submit(state, parsed, stop_ids))
+        except BaseException:
+            for handle in handles:  # all choices or none
+                handle.cancel()
+            raise
+        runs = [Answer(state, handle, parsed, stop_ids, chat=chat) for handle, parsed in zip(handles, choices)]
+        if choices[0].stream:
+            def cancel_all() -> None:
+                for run in runs:
+                    run.cancel()
+            # The background task cancels requests whose stream never started (client gone at once).
+            return StreamingResponse(events(runs), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(run.cancel))
-        return await run.whole(request)
+                                     background=BackgroundTask(cancel_all))
+        return await whole(runs, request)
     except ApiError:
         raise
     except ShuttingDown as exc:
@@ -85,15 +90,87 @@ async def answer(state: ServerState, request: Request, body: CompletionRequest |
         raise ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error") from None
 
 
-def prepare(state: ServerState, body: CompletionRequest | ChatCompletionRequest, *, chat: bool) -> Prepared:
-    """``body`` checked against the served model: prompt ids, the limit, sampling."""
+def _submit(state: ServerState, parsed: Prepared, stop_ids: frozenset[int]) -> Any:
+    """One choice as a scheduler request; its handle."""
+    if parsed.max_tokens == 0 and parsed.logprobs is None:
+        return _Echoed()  # echo alone: the answer is the prompt, nothing to run
+    prompt_logprobs = parsed.logprobs if parsed.echo else None
+    try:
+        return state.scheduler.submit(
+            ServeRequest(prompt_ids=parsed.prompt_ids, max_tokens=parsed.max_tokens, sampling=parsed.sampling,
+                         stop_token_ids=stop_ids, logprobs=parsed.logprobs, prompt_logprobs=prompt_logprobs),
+            asyncio.get_running_loop())
+    except QueueFull as exc:
+        raise ApiError(429, str(exc) or "the server's queue is full; try again later", type="rate_limit_error",
+                       code="queue_full", headers={"Retry-After": str(state.retry_after_s)}) from None
+
+
+class _Echoed:
+    """The handle of a choice that generates nothing and needs no logprobs (echo, max_tokens 0)."""
+
+    id = "echo"
+    tokens: list[int] = []
+    logprobs: list = []
+    prompt_logprobs = None
+    error = None
+    finish_reason = "length"
+    done = True
+
+    async def stream(self):
+        return
+        yield
+
+    def cancel(self) -> None:
+        pass
+
+
+def prepare_all(state: ServerState, body: CompletionRequest | ChatCompletionRequest, *,
+                chat: bool) -> list[Prepared]:
+    """``body``'s choices checked against the served model, in index order
+    (``prompt_index * n + choice``); a seeded choice samples with ``seed + choice``."""
+    if isinstance(body, ChatCompletionRequest):
+        prompts: list = [None]
+    else:
+        prompts = body.prompt
+    n = body.n or 1
+    out = []
+    for p, prompt in enumerate(prompts):
+        base = prepare(state, body, chat=chat, prompt=prompt)
+        if not chat:
+            base.prompt_index = p
+            base.echo = bool(body.echo)
+            if base.echo:
+                base.prompt_text = prompt if isinstance(prompt, str) else _decode(state, base.prompt_ids)
+        for j in range(n):
+            seed = body.seed
+            if seed is not None and j:
+                seed += j
+                if seed > SEED_RANGE[1]:
+                    seed -= 2 ** 64
+            sampling = base.sampling if seed == body.seed else replace(base.sampling, seed=seed)
+            out.append(replace(base, index=p * n + j, sampling=sampling))
+    return out
+
+
+def _decode(state: ServerState, ids: list[int]) -> str:
+    try:
+        return state.tokenizer.decode(ids)
+    except SpeedecError:
+        return ""
+
+
+def prepare(state: ServerState, body: CompletionRequest | ChatCompletionRequest, *, chat: bool,
+            prompt: str | list[int] | None = None) -> Prepared:
+    """``body`` checked against the served model: prompt ids, the limit, sampling
+    (``prompt``: the completion's prompt, default the first of ``body.prompt``)."""
     if body.model is not None and body.model != state.model_name:
         raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {state.model_name!r}",
                        param="model", code="model_not_found")
     if isinstance(body, ChatCompletionRequest):
         prompt_ids, max_tokens = _chat_prompt(state, body), body.limit
     else:
-        prompt_ids, max_tokens = _completion_prompt(state, body.prompt), body.max_tokens
+        prompt = body.prompt[0] if prompt is None else prompt
+        prompt_ids, max_tokens = _completion_prompt(state, prompt), body.max_tokens
     if max_tokens is None:
         # OpenAI's chat default is "until the turn ends": the rest of the context, when known.
         rest = None if state.context_length is None else state.context_length - len(prompt_ids)
@@ -109,7 +186,14 @@ def prepare(state: ServerState, body: CompletionRequest | ChatCompletionRequest,
     options = body.stream_options
     return Prepared(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, stop=body.stop or [],
                     stream=bool(body.stream), include_usage=bool(options and options.include_usage),
-                    return_token_ids=bool(body.return_token_ids))
+                    return_token_ids=bool(body.return_token_ids), logprobs=_logprobs_of(body))
+
+
+def _logprobs_of(body: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Alternatives per token (None: no logprobs)."""
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
 
 
 def _param_of(message: str) -> str | None:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import KVCache
-from ..engines.base import GenerationStats, check_token_id, prefill, token_ids
+from ..engines.base import GenerationStats, check_token_id, token_ids
 from ..engines.pipeline import Pipeline
 from ..engines.speed import step_costs_for
 from ..engines.step import StepPlan, run_step, run_steps
@@ -58,6 +58,7 @@ from ..errors import ConfigError, GenerationError
 from ..kernels import FEW_ROWS
 from ..sampling import Sampler, SamplingParams
 from .keyed import KeyedSampling
+from .logprobs import check_logprobs, first_logprobs, prefill_request, verified_logprobs
 from .requests import QueueFull, RequestHandle, ServeRequest, ShuttingDown, StopOutput
 
 ENGINES = ("speed", "autoregressive")
@@ -180,8 +181,7 @@ class Scheduler:
         c = self.model.config
         prompt = token_ids(request.prompt_ids, c.vocab_size)
         m = request.max_tokens
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise GenerationError(f"max_tokens must be an integer >= 1, got {m!r}")
+        check_logprobs(request)
         if len(prompt) + m > c.max_seq_len:
             raise GenerationError(f"max_tokens ({m}) + the prompt ({len(prompt)} tokens) exceeds the "
                                   f"model's context of {c.max_seq_len} tokens")
@@ -296,19 +296,21 @@ class Scheduler:
             keyed = KeyedSampling(request.sampling, random.getrandbits(62) if seed is None else seed)
             cache = KVCache(model.config, len(prompt) + request.max_tokens, dtype=model.dtype,
                             device=model.device)
-            logits = prefill(model, cache, prompt)
+            logits = prefill_request(model, cache, handle)  # None: max_tokens 0 (the prompt's logprobs alone)
             out = StopOutput(request.max_tokens, request.stop_token_ids)
-            out.emit(keyed.pick(logits, len(prompt)))
+            if logits is not None:
+                out.emit(keyed.pick(logits, len(prompt)))
             self._counters["prefill_seconds_total"] += time.perf_counter() - begin
-            handle._deliver(out.tokens[:])
+            handle._deliver(out.tokens[:], first_logprobs(logits, out.tokens[:], request.logprobs))
             stats = GenerationStats(prompt_tokens=len(prompt))
-            if out.done:
-                self._close(handle, out.stop_reason)
+            if out.done or logits is None:
+                self._close(handle, out.stop_reason or "length")
                 return
             grant = _Grant(self, self._acceptance) if self.engine == "speed" else None
             pipeline = Pipeline(model, cache, len(prompt), out, stats, Sampler(SamplingParams()),
                                 policy=grant, speculate=self.engine == "speed",
-                                transform=None if keyed.greedy else keyed)
+                                transform=None if keyed.greedy else keyed,
+                                keep_final=request.logprobs is not None)
         except Exception as exc:  # a failing request fails alone
             self._close(handle, "error", exc)
             return
@@ -390,7 +392,7 @@ class Scheduler:
             a.handle.stats.steps += 1
             a.handle.stats.drafts_launched = a.stats.drafts_launched
             a.handle.stats.drafts_accepted = a.stats.drafts_accepted
-            a.handle._deliver(tokens)
+            a.handle._deliver(tokens, verified_logprobs(a.pipeline, tokens, a.handle.request.logprobs))
             if a.pipeline.done:
                 finished.append((a, a.pipeline.out.stop_reason, None))
         elapsed = time.perf_counter() - begin

@@ -25,10 +25,15 @@ from pydantic import (
     StrictInt,
     StrictStr,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4
+# Choices per prompt (n), alternatives per token (logprobs, top_logprobs), choices per request.
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_CHOICES = 64
 # Seeds torch.Generator.manual_seed accepts.
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
 # The type of the errors validators raise with a message of their own ({"message", "param"} in ctx).
@@ -79,10 +84,9 @@ class _Request(_Body):
     model: StrictStr | None = Field(None, description="The served model's name (another: 404).")
     max_tokens: PositiveInt | None = Field(
         None, description="Tokens to generate at most (default 16; chat: the rest of the context).")
-    n: One | None = Field(None, description="Must be 1 (one choice per request).")
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = Field(
+        None, description=f"Choices per prompt, 1..{MAX_N} (each its own request; seeded: seed + choice).")
     best_of: One | None = Field(None, description="Must be 1.")
-    echo: Literal[False] | None = Field(None, description="Not supported.")
-    logprobs: Literal[False] | None = Field(None, description="Not supported.")
     temperature: Annotated[Number, Field(ge=0)] | None = Field(None, description="Default 0: greedy.")
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     top_k: PositiveInt | None = Field(None, description="Not in OpenAI's API (vLLM's extension).")
@@ -112,18 +116,39 @@ class CompletionRequest(_Request):
     model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "Once upon a time", "max_tokens": 32}]})
 
     prompt: StrictStr | list[StrictInt] | list[StrictStr | list[StrictInt]] = Field(
-        description="A string, a list of token ids, or a list holding one of these.")
+        description="A string, a list of token ids, or a list of these (one request per prompt and choice).")
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        None, description="Tokens to generate at most (default 16; 0 only with echo: the prompt's logprobs).")
+    echo: StrictBool | None = Field(None, description="The prompt's text (and logprobs) before the completion.")
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+        None, description=f"Each token's logprob and its top 0..{MAX_LOGPROBS} alternatives.")
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list) -> str | list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one: ["text"] or [[1, 2, 3]]
-        if isinstance(prompt, list) and not all(isinstance(i, int) for i in prompt):
-            raise invalid(f"prompt holds {len(prompt)} prompts; this server takes one per request")
-        if not prompt:
+    def _prompts(cls, prompt: str | list) -> list[str | list[int]]:
+        """Always a list of prompts (each a string or a list of token ids)."""
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and not all(isinstance(p, (str, list)) for p in prompt):
+            raise invalid("prompt must be a string or a list of token ids")
+        else:
+            prompts = list(prompt)
+        if not prompts:
             raise invalid("prompt is empty")
-        return prompt
+        for i, p in enumerate(prompts):
+            if not p:
+                raise invalid("prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty")
+        return prompts
+
+    @model_validator(mode="after")
+    def _choices(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise invalid("max_tokens must be an integer >= 1, got 0", "max_tokens")
+        choices = len(self.prompt) * (self.n or 1)
+        if choices > MAX_CHOICES:
+            raise invalid(f"{len(self.prompt)} prompts x n={self.n or 1} make {choices} choices; "
+                          f"this server takes at most {MAX_CHOICES} per request", "n")
+        return self
 
 
 class ChatCompletionRequest(_Request):
@@ -133,9 +158,18 @@ class ChatCompletionRequest(_Request):
         {"messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 32}]})
 
     messages: Annotated[list[Message], Field(min_length=1)]
+    logprobs: StrictBool | None = Field(None, description="Each generated token's logprob.")
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+        None, description=f"0..{MAX_LOGPROBS} alternatives per token (needs logprobs: true).")
     max_completion_tokens: PositiveInt | None = Field(None, description="OpenAI's newer name for max_tokens.")
     chat_template_kwargs: dict[str, Scalar] | None = Field(
         None, description="Variables for the chat template, e.g. {\"enable_thinking\": false}.")
+
+    @model_validator(mode="after")
+    def _top_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+        return self
 
     @property
     def limit(self) -> int | None:
@@ -149,10 +183,11 @@ _MESSAGES = {
     "model": "model must be a string, got {value!r}",
     "max_tokens": "max_tokens must be an integer >= 1, got {value!r}",
     "max_completion_tokens": "max_completion_tokens must be an integer >= 1, got {value!r}",
-    "n": "n must be 1 (one choice per request), got {value!r}",
+    "n": f"n must be an integer from 1 to {MAX_N}, got {{value!r}}",
     "best_of": "best_of must be 1, got {value!r}",
-    "echo": "echo is not supported",
-    "logprobs": "logprobs are not supported",
+    "echo": "echo must be true or false, got {value!r}",
+    "logprobs": f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {{value!r}}",
+    "top_logprobs": f"top_logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {{value!r}}",
     "temperature": "temperature must be a finite number >= 0, got {value!r}",
     "top_p": "top_p must be a number in (0, 1], got {value!r}",
     "top_k": "top_k must be an integer >= 1, got {value!r}",
@@ -190,6 +225,8 @@ def error_message(error: Mapping, body: Any) -> tuple[str, str | None]:
     if field == "stream_options" and loc[1:2] == ("include_usage",):
         value = (body.get("stream_options") or {}).get("include_usage")
         return f"include_usage must be true or false, got {value!r}", "include_usage"
+    if field == "logprobs" and "messages" in body:
+        return f"logprobs must be true or false, got {body.get(field)!r}", field
     template = _MESSAGES.get(field)
     if template is None:
         where = ".".join(str(part) for part in loc)

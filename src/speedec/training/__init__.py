@@ -10,8 +10,9 @@ Layout, one concern per module:
 * ``distributed`` single process or torchrun data parallelism;
 * ``loop``        the training loop any kind of run shares: :func:`~speedec.training.loop.run_training`;
 * ``trainer``     the decoder-only run: :func:`train`;
-* ``evaluate``    per-loop perplexity, exit agreement, SPEED acceptance: :func:`evaluate_model`;
-* ``commands``    click commands ``train``, ``eval``, ``tokenizer train``.
+* ``evaluate``    per-loop perplexity, exit agreement, SPEED acceptance: :func:`evaluate_model`.
+
+The commands that drive them (``speedec train``, ``eval``, ``train-exit``) are in :mod:`speedec.cli.train`.
 """
 
 from .config import TrainConfig

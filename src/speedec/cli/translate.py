@@ -1,10 +1,7 @@
-"""Command-line front ends of translation: ``train-translation``, ``translate``, ``eval-translation``.
+"""``speedec train-translation``, ``translate`` and ``eval-translation``.
 
 Thin wrappers over :func:`~speedec.encdec.train_translation`,
 :func:`~speedec.encdec.translate` and :func:`~speedec.encdec.evaluate_translation`.
-Bad input raises a :class:`~speedec.errors.SpeedecError` or
-:class:`click.UsageError`; the main CLI prints those as one line
-``error: ...`` and exits with code 2.
 
 The whole setting, from the registries to a score::
 
@@ -22,29 +19,30 @@ from pathlib import Path
 
 import click
 
-from ..cli.common import (
-    AT_LEAST_ONE,
-    IntRange,
-    device_option,
-    dtype_option,
-    engine_options,
-    sampling_options,
-    set_threads,
-    speculation_options,
-    threads_option,
-)
-from ..devices import DTYPES, parse_device
 from ..engines import engine_class
 from ..errors import GenerationError, SpeedecError
 from ..kernels import prepare_kernel
-from ..training.commands import config_overrides, run_options, summary_line
+from .options import (
+    AT_LEAST_ONE,
+    IntRange,
+    Placement,
+    Sampling,
+    Speculation,
+    device_option,
+    dtype_option,
+    placement_options,
+    sampling_options,
+    speculation_options,
+    threads_option,
+)
+from .train import TrainingRun, run_options, summary_line
 
 ENGINE_HELP = ("autoregressive, speed or self-speculative (greedy: all give the same translation; "
                "sampling: the same distribution).")
 
 
 def _check_engine(engine: str) -> None:
-    from .engines import TRANSLATION_ENGINES
+    from ..encdec.engines import TRANSLATION_ENGINES
 
     engine_class(engine, TRANSLATION_ENGINES)
 
@@ -52,7 +50,7 @@ def _check_engine(engine: str) -> None:
 @click.command("train-translation")
 @run_options("Translation training config (JSON; see configs/translation/).",
              "Sentence pairs per optimizer step.")
-def train_translation_command(config_file, resume, settings, no_progress, **options) -> None:
+def train_translation_command(run: TrainingRun) -> None:
     """Train an encoder-decoder translator with a looped decoder and the early-exit loss.
 
     The config names a parallel corpus (speedec data prepare-parallel) and a
@@ -60,11 +58,11 @@ def train_translation_command(config_file, resume, settings, no_progress, **opti
     gets metrics.jsonl, checkpoint/ (continue with --resume) and, at the end,
     model/ with config.json, model.safetensors and tokenizer.json.
     """
-    from .train_config import TranslationConfig
-    from .trainer import train_translation
+    from ..encdec.train_config import TranslationConfig
+    from ..encdec.trainer import train_translation
 
-    config = TranslationConfig.from_file(config_file, config_overrides(settings, options))
-    summary = train_translation(config, resume=resume, progress=not no_progress)
+    config = TranslationConfig.from_file(run.config_file, run.overrides)
+    summary = train_translation(config, resume=run.resume, progress=run.progress)
     click.echo(summary_line(summary))
 
 
@@ -77,16 +75,13 @@ def train_translation_command(config_file, resume, settings, no_progress, **opti
               help="Token limit (default: 2 x source tokens + 10, within the model's max_target_len).")
 @speculation_options
 @sampling_options
-@dtype_option
-@device_option
-@threads_option()
+@placement_options(dtype_option, device_option, threads_option())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
-def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_tokens, early_correction,
-                      guesses, adaptive, temperature, top_k, top_p, seed, dtype, device, threads,
-                      as_json) -> None:
+def translate_command(text_arg, model_dir, text, engine, max_new_tokens, speculation: Speculation,
+                      sampling: Sampling, placement: Placement, as_json) -> None:
     """Translate one sentence with a trained translator (greedy by default, where every engine
     gives the same tokens; with --temperature every engine samples from the same distribution)."""
-    from .translate import load_translator, translate
+    from ..encdec.translate import load_translator, translate
 
     if text_arg is not None and text is not None:
         raise click.UsageError("give the text once: as an argument or with --text")
@@ -96,12 +91,11 @@ def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_t
     if not text.strip():
         raise GenerationError("the text to translate is empty")
     _check_engine(engine)
-    set_threads(threads)
-    model, tokenizer = load_translator(model_dir, dtype=DTYPES[dtype], device=parse_device(device))
+    placement.set_threads()
+    model, tokenizer = load_translator(model_dir, dtype=placement.torch_dtype, device=placement.torch_device)
     prepare_kernel(model)
     result = translate(model, tokenizer, text, engine=engine, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                       **engine_options(draft_tokens, early_correction, guesses, adaptive))
+                       **sampling.as_kwargs(), **speculation.engine_options())
     if as_json:
         click.echo(json.dumps({"engine": engine, **result.to_dict()}, ensure_ascii=False))
     else:
@@ -120,32 +114,30 @@ def translate_command(text_arg, model_dir, text, engine, max_new_tokens, draft_t
               help="Token limit per sentence (default: 2 x source tokens + 10, within max_target_len).")
 @click.option("--warmup", default=1, show_default=True, type=IntRange(min=0),
               help="Untimed translations before measuring.")
-@threads_option()
-@device_option
+@placement_options(threads_option(), device_option)
 @click.option("--hypotheses", "hypotheses_file", type=click.Path(dir_okay=False),
               help="Also write the translations here, one a line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def eval_translation_command(model_dir, data, split, engine, draft_tokens, early_correction, guesses, adaptive,
-                             limit, max_new_tokens, warmup, threads, device, hypotheses_file, as_json,
-                             no_progress) -> None:
+def eval_translation_command(model_dir, data, split, engine, speculation: Speculation, limit, max_new_tokens,
+                             warmup, placement: Placement, hypotheses_file, as_json, no_progress) -> None:
     """BLEU and chrF (sacrebleu) of a translator on a split, with the engine's speed and acceptance."""
+    from ..encdec.data import read_pairs, split_path
+    from ..encdec.evaluate import evaluate_translation
+    from ..encdec.translate import load_translator
     from ..storage import atomic_write_text
-    from .data import read_pairs, split_path
-    from .evaluate import evaluate_translation
-    from .translate import load_translator
 
     _check_engine(engine)
-    set_threads(threads)
+    placement.set_threads()
     path = split_path(data, split)
     pairs = read_pairs(path)[:limit]
     if not pairs:
         raise SpeedecError(f"{path} holds no sentence pairs")
-    model, tokenizer = load_translator(model_dir, device=parse_device(device))
+    model, tokenizer = load_translator(model_dir, device=placement.torch_device)
     prepare_kernel(model)
     result = evaluate_translation(model, tokenizer, pairs, engine=engine, max_new_tokens=max_new_tokens,
                                   warmup=warmup, progress=not no_progress and not as_json,
-                                  **engine_options(draft_tokens, early_correction, guesses, adaptive))
+                                  **speculation.engine_options())
     report = {"model": str(model_dir), "data": str(path), **result.report}
     if hypotheses_file is not None:
         Path(hypotheses_file).parent.mkdir(parents=True, exist_ok=True)

@@ -1,25 +1,25 @@
-"""Command-line front ends of training: ``train``, ``eval`` and ``tokenizer train``.
-
-``run_options``, ``config_overrides`` and ``summary_line`` are shared with
-the translation commands (:mod:`speedec.encdec.commands`); ``tokenizer train
---parallel`` trains the joint tokenizer of a parallel corpus.
+"""``speedec train``, ``eval``, ``train-exit`` and ``tokenizer train``.
 
 Thin wrappers over :func:`~speedec.training.train`,
-:func:`~speedec.training.evaluate_model` and
-:func:`~speedec.tokenizer.train_bpe`. Bad input raises a
-:class:`~speedec.errors.SpeedecError` or :class:`click.UsageError`; the main
-CLI prints those as one line and exits with code 2.
+:func:`~speedec.training.evaluate_model`,
+:func:`~speedec.training.exit_fit.fit_exit_readout` and
+:func:`~speedec.tokenizer.train_bpe` (``tokenizer train --parallel``: the joint
+tokenizer of a parallel corpus). ``run_options`` (a training run's options,
+delivered as one :class:`TrainingRun`) and ``summary_line`` are shared with the
+translation commands (:mod:`.translate`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..cli.common import model_dtype_option, set_threads, threads_option
+from .options import Placement, model_dtype_option, option_group, placement_options, threads_option
 
 # Command-line options that override a field of the config file (option -> field).
 _OVERRIDES = ("out_dir", "max_steps", "max_tokens", "threads", "seed", "lr", "batch_size",
@@ -40,9 +40,26 @@ def parse_settings(settings: tuple[str, ...]) -> dict[str, Any]:
     return parsed
 
 
-def run_options(config_help: str, batch_help: str):
-    """The options every training command shares (config, resume, overrides, progress)."""
-    options = [
+@dataclass(frozen=True)
+class TrainingRun:
+    """A training command's run: the config file, whether to continue the run saved in its
+    output directory, the config fields the command line replaces and whether to show progress."""
+
+    config_file: str
+    resume: bool
+    overrides: dict[str, Any]
+    progress: bool
+
+    @classmethod
+    def from_options(cls, config_file: str, resume: bool, settings: tuple[str, ...], no_progress: bool,
+                     **options: Any) -> TrainingRun:
+        return cls(config_file, resume, config_overrides(settings, options), not no_progress)
+
+
+def run_options(config_help: str, batch_help: str, *extra) -> Callable:
+    """The options every training command shares (config, resume, overrides, progress),
+    then the ``extra`` overrides, delivered as one :class:`TrainingRun` named ``run``."""
+    return option_group(TrainingRun, "run", [
         click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False),
                      help=config_help),
         click.option("--resume", is_flag=True, help="Continue the run saved in the output directory."),
@@ -61,14 +78,8 @@ def run_options(config_help: str, batch_help: str):
         click.option("--set", "settings", multiple=True, metavar="FIELD=VALUE",
                      help="Override any config field (VALUE is JSON, or a string). Repeatable."),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
-    ]
-
-    def decorate(func):
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return decorate
+        *extra,
+    ], make=TrainingRun.from_options)
 
 
 def config_overrides(settings: tuple[str, ...], options: dict[str, Any]) -> dict[str, Any]:
@@ -97,16 +108,16 @@ def summary_line(summary) -> str:
 
 
 @click.command("train")
-@run_options("Training config (JSON; see configs/train/).", "Global sequences per optimizer step.")
-@click.option("--grad-accum", type=int, help="Micro-batches per process and step.")
-def train_command(config_file, resume, settings, no_progress, **options) -> None:
+@run_options("Training config (JSON; see configs/train/).", "Global sequences per optimizer step.",
+             click.option("--grad-accum", type=int, help="Micro-batches per process and step."))
+def train_command(run: TrainingRun) -> None:
     """Train a looped model with the early-exit loss (use torchrun for data parallelism)."""
-    from .config import TrainConfig
-    from .distributed import launched_rank
-    from .trainer import train
+    from ..training.config import TrainConfig
+    from ..training.distributed import launched_rank
+    from ..training.trainer import train
 
-    config = TrainConfig.from_file(config_file, config_overrides(settings, options))
-    summary = train(config, resume=resume, progress=not no_progress)
+    config = TrainConfig.from_file(run.config_file, run.overrides)
+    summary = train(config, resume=run.resume, progress=run.progress)
     if launched_rank() != 0:
         return  # under torchrun only the main process reports
     click.echo(summary_line(summary))
@@ -126,21 +137,19 @@ def train_command(config_file, resume, settings, no_progress, **options) -> None
               help="Validation windows scored per loop.")
 @click.option("--seq-len", default=256, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=int)
-@model_dtype_option
-@threads_option()
+@placement_options(model_dtype_option, threads_option())
 def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_tokens, windows,
-                 seq_len, batch_size, dtype, threads) -> None:
+                 seq_len, batch_size, placement: Placement) -> None:
     """Per-loop perplexity, exit/final agreement and SPEED acceptance of a model."""
     from ..bundled import resolve_model_dir
-    from ..devices import MODEL_DTYPES
     from ..kernels import prepare_kernel
     from ..model import LoopedLM
     from ..tokenizer import load_tokenizer
-    from .evaluate import evaluate_model
+    from ..training.evaluate import evaluate_model
 
-    set_threads(threads)
+    placement.set_threads()
     model_dir = resolve_model_dir(model_dir)
-    model = LoopedLM.from_pretrained(model_dir, dtype=None if dtype is None else MODEL_DTYPES[dtype])
+    model = LoopedLM.from_pretrained(model_dir, dtype=placement.torch_dtype)
     prepare_kernel(model)
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     result = evaluate_model(model, tokenizer, data_file, seq_len=seq_len, windows=windows,
@@ -182,9 +191,9 @@ def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_toke
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@threads_option()
+@placement_options(threads_option())
 def train_exit_command(model_dir, out_dir, train_file, val_file, rank, exit_loop, steps, batch_size, seq_len,
-                       lr, seed, as_json, no_progress, threads) -> None:
+                       lr, seed, as_json, no_progress, placement: Placement) -> None:
     """Fit (or refit) a model's exit readout (the drafter) with its trunk frozen.
 
     Only the readout changes: the model's output is the same, its drafts agree
@@ -194,9 +203,9 @@ def train_exit_command(model_dir, out_dir, train_file, val_file, rank, exit_loop
     from ..model import LoopedLM
     from ..storage import is_imported
     from ..tokenizer import load_tokenizer
-    from .exit_fit import ExitFitSettings, fit_exit_readout, save_fitted
+    from ..training.exit_fit import ExitFitSettings, fit_exit_readout, save_fitted
 
-    set_threads(threads)
+    placement.set_threads()
     given = model_dir
     model_dir = Path(resolve_model_dir(model_dir))
     if out_dir is None and given is not None and not Path(given).exists():
