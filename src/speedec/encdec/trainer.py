@@ -1,7 +1,7 @@
 """Training a translator: the decoder-only recipe on padded batches of sentence pairs.
 
 Everything but the data and the forward is shared with the decoder-only
-recipe (:mod:`speedec.training.loop`): the loop (:func:`run_training`: logging to
+recipe (:mod:`speedec.training.loop`): the loop (:func:`loop.run_training`: logging to
 ``metrics.jsonl``, progress bar, periodic evaluation, atomic checkpoints,
 final model directory with ``tokenizer.json``), AdamW and its parameter
 groups, the warmup + cosine schedule, the early-exit loss
@@ -25,23 +25,9 @@ import torch
 
 from ..errors import DataError, TrainingError
 from ..tokenizer import BPETokenizer
+from ..training import loop
 from ..training.checkpoint import CHECKPOINT_DIR
 from ..training.distributed import Distributed, autocast, pick_device
-from ..training.loop import (
-    RunCore,
-    TrainSummary,
-    apply_update,
-    build_optimizer,
-    initial_model,
-    loss_parts,
-    open_output,
-    restore_state,
-    resume_point,
-    run_training,
-    schedule_of,
-    set_learning_rate,
-    training_tokenizer,
-)
 from ..training.loss import LossSchedule, looped_loss, loss_loops
 from .data import (
     BucketSampler,
@@ -60,7 +46,7 @@ from .train_config import TranslationConfig
 
 
 @dataclass
-class TranslationRun(RunCore):
+class TranslationRun(loop.RunCore):
     """A translation run: the shared run state plus its corpus and batch plan."""
 
     # Training pairs that fit the model, and the batches of each step.
@@ -97,11 +83,11 @@ def setup_translation_run(config: TranslationConfig, resume: bool) -> Translatio
     if not tokenizer_file.is_file():
         raise TrainingError(f"tokenizer {tokenizer_file} does not exist (train one with: speedec tokenizer "
                             f"train --parallel {config.data} --out {tokenizer_file})")
-    tokenizer = training_tokenizer(tokenizer_file, model_config.vocab_size)
+    tokenizer = loop.training_tokenizer(tokenizer_file, model_config.vocab_size)
     if tokenizer.eos_token_id is None:
         raise TrainingError(f"the tokenizer {tokenizer_file} has no <|endoftext|> token to end translations")
     out_dir = Path(config.out_dir)
-    checkpoint = resume_point(config, out_dir / CHECKPOINT_DIR, resume, dist.device, model_cls=EncDecLM)
+    checkpoint = loop.resume_point(config, out_dir / CHECKPOINT_DIR, resume, dist.device, model_cls=EncDecLM)
 
     train_pairs, train_dropped = _load_split(config, config.train_split, tokenizer, model_config)
     val_pairs, val_dropped = _load_split(config, config.val_split, tokenizer, model_config)
@@ -114,10 +100,10 @@ def setup_translation_run(config: TranslationConfig, resume: bool) -> Translatio
                    else steps_for_tokens(config.max_tokens, config.batch_size, train_pairs))
     config.check_warmup(total_steps)
 
-    model = initial_model(config, checkpoint, EncDecLM, model_config, dist.device)
-    optimizer = build_optimizer(model, config)
-    start_step, start_tokens, start_elapsed_s = restore_state(checkpoint, optimizer)
-    metrics = open_output(config, dist, start_step)
+    model = loop.initial_model(config, checkpoint, EncDecLM, model_config, dist.device)
+    optimizer = loop.build_optimizer(model, config)
+    start_step, start_tokens, start_elapsed_s = loop.restore_state(checkpoint, optimizer)
+    metrics = loop.open_output(config, dist, start_step)
     if checkpoint is None:  # a fresh run: drop even the step-0 data event of an earlier, killed start
         metrics.truncate_after(-1)
         metrics.write({"event": "data", "step": 0, "train_pairs": len(train_pairs),
@@ -125,7 +111,7 @@ def setup_translation_run(config: TranslationConfig, resume: bool) -> Translatio
                        "val_dropped_too_long": val_dropped, "val_pairs_scored": sum(len(b.src) for b in val_batches),
                        "batches_per_epoch": sampler.batches_per_epoch, "total_steps": total_steps})
     return TranslationRun(
-        config=config, dist=dist, model=model, optimizer=optimizer, schedule=schedule_of(config, total_steps),
+        config=config, dist=dist, model=model, optimizer=optimizer, schedule=loop.schedule_of(config, total_steps),
         losses=LossSchedule.from_recipe(config, model.config, total_steps), tokenizer_file=tokenizer_file,
         out_dir=out_dir, metrics=metrics, total_steps=total_steps, start_step=start_step,
         start_tokens=start_tokens, start_elapsed_s=start_elapsed_s,
@@ -136,7 +122,7 @@ def setup_translation_run(config: TranslationConfig, resume: bool) -> Translatio
 def train_step(run: TranslationRun, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One optimizer step on the batch of ``step``; returns the ``[5]`` loss parts, the
     gradient norm (both on the device) and the real tokens of the batch."""
-    set_learning_rate(run, step)
+    loop.set_learning_rate(run, step)
     batch = make_batch(run.train_pairs, run.sampler.indices(step), bos=run.bos, eos=run.eos,
                        pad=run.pad).to(run.dist.device)
     weights = run.losses.at(step, run.model.config.n_loops)
@@ -145,7 +131,7 @@ def train_step(run: TranslationRun, step: int) -> tuple[torch.Tensor, torch.Tens
                         output_loops=loss_loops(run.model.config, weights))
         loss = looped_loss(out, batch.targets, run.model.config, weights)
     loss.total.backward()
-    return loss_parts(loss), apply_update(run), batch.tokens
+    return loop.loss_parts(loss), loop.apply_update(run), batch.tokens
 
 
 def evaluate(run: TranslationRun, step: int) -> dict:
@@ -155,14 +141,14 @@ def evaluate(run: TranslationRun, step: int) -> dict:
     return result
 
 
-def train_translation(config: TranslationConfig, *, resume: bool = False, progress: bool = True) -> TrainSummary:
+def train_translation(config: TranslationConfig, *, resume: bool = False, progress: bool = True) -> loop.TrainSummary:
     """Train (or, with ``resume``, continue) the translation run described by ``config``."""
     previous_threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
         run = setup_translation_run(config, resume)
-        return run_training(run, progress, step_fn=train_step, eval_fn=evaluate)
+        return loop.run_training(run, progress, step_fn=train_step, eval_fn=evaluate)
     finally:
         torch.set_num_threads(previous_threads)
 
