@@ -384,11 +384,21 @@ def test_int8_build_is_the_quantized_float32_model_without_it(preset_name, small
                 == generate(expected, prompt, 8, engine="autoregressive").tokens)
 
 
+def _q8_0_float64_rounding(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q8_0 with C's roundf written out in float64 (where |x| + 0.5 is exact)."""
+    blocks = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    amax = blocks.abs().amax(-1)
+    d = amax / torch.full_like(amax, 127.0)
+    inv = torch.where(d != 0, torch.ones_like(d) / d, torch.zeros_like(d))
+    scaled = (blocks * inv[..., None]).double()
+    qs = (scaled.sign() * (scaled.abs() + 0.5).floor()).clamp(-127, 127)
+    return qs.to(torch.int8).reshape(w.shape), d.half()
+
+
 def test_fast_q8_0_quantization_is_the_reference_bit_for_bit():
-    """The build's float32-only quantizer against quantize_q8_0 (float64 rounding): random
+    """quantize_q8_0 (float32 alone, as the build uses it) against roundf in float64: random
     blocks at several magnitudes, exact ties (x.5 rounds away from zero), zero blocks and
     values a float32 step below a tie."""
-    from speedec.bench.setup import quantize_q8_0_fast
     from speedec.q8_kernels import quantize_q8_0
 
     g = torch.Generator().manual_seed(0)
@@ -396,8 +406,8 @@ def test_fast_q8_0_quantization_is_the_reference_bit_for_bit():
     ties = torch.tensor([127.0, 2.5, -3.5, 0.5, -0.5, 126.5, -126.5, 1.4999999, 0.49999997, -0.49999997] * 3
                         + [0.0, 64.5])
     w = torch.cat([w, torch.stack([ties, torch.zeros(32), -ties])[:, :32].repeat(1, 3)])
-    qs, d = quantize_q8_0(w)
-    fast_qs, fast_d = quantize_q8_0_fast(w)
+    qs, d = _q8_0_float64_rounding(w)
+    fast_qs, fast_d = quantize_q8_0(w)
     assert torch.equal(fast_qs, qs) and torch.equal(fast_d, d)
     assert qs[-3, 1:4].tolist() == [3, -4, 1]  # d = 1: the ties themselves
 

@@ -189,7 +189,11 @@ def best_path() -> str | None:
 def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """llama.cpp's q8_0 quantization of ``w`` [..., K]: per block of 32, d = amax / 127
     (float32), qs = round_half_away(w / d) clamped to [-127, 127] (int8), d stored as
-    float16. Returns (qs [..., K], d [..., K // 32])."""
+    float16. Returns (qs [..., K], d [..., K // 32]).
+
+    All in float32: ``|x| + 0.5`` (C's ``roundf``) may not be a float32, so the rounding is
+    ``floor(|x|) + (frac(|x|) >= 0.5)``, whose fraction float32 holds exactly (``|x| <= 127``
+    where it matters): the same integer, half away from zero."""
     if not (w.is_floating_point() and w.dim() >= 1):
         raise ValueError(f"quantize_q8_0: w must be a floating-point tensor [..., K], got {w.dtype} "
                          f"with {w.dim()} dimensions")
@@ -199,9 +203,12 @@ def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = blocks.abs().amax(-1)
     d = amax / torch.full_like(amax, 127.0)
     inv = torch.where(d != 0, torch.ones_like(d) / d, torch.zeros_like(d))
-    scaled = (blocks * inv[..., None]).double()  # roundf: half away from zero, exact in float64
-    qs = (scaled.sign() * (scaled.abs() + 0.5).floor()).clamp(-127, 127)
-    return qs.to(torch.int8).reshape(w.shape), d.half()
+    x = blocks * inv[..., None]
+    magnitude = x.abs()
+    q = magnitude.floor()
+    q += magnitude.sub_(q).ge_(0.5)
+    q.copysign_(x).clamp_(-127, 127)
+    return q.to(torch.int8).reshape(w.shape), d.half()
 
 
 def dequantize_q8_0(qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,8 @@ from .q8_kernels import best_path, linear_q8
 # The quantization schemes a model config may name (ModelConfig.quantization).
 QUANTIZATIONS = ("q8_0",)
 BLOCK = 32
+# Elements of float weight quantized at once by Q8Weight.fill.
+FILL_ELEMENTS = 1 << 20
 
 
 class Q8Weight(nn.Module):
@@ -65,15 +67,21 @@ class Q8Weight(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> Q8Weight:
+        module = cls(*weight.shape)
+        module.fill(weight)
+        return module.to(weight.device)
+
+    def fill(self, weight: torch.Tensor) -> None:
+        """Make this the ``q8_0`` of the float ``weight`` ``[out, in]``, a few rows at a time
+        (blocks run along rows: the same values and scales as quantizing it whole, with
+        temporaries of :data:`FILL_ELEMENTS` elements, not of the whole matrix)."""
         from .q8_kernels import quantize_q8_0
 
-        module = cls(*weight.shape)
-        w = weight.detach().to(torch.float32).cpu()
-        w = F.pad(w, (0, module.padding))  # zeros: no block's largest magnitude changes
-        qs, d = quantize_q8_0(w)
-        module.qs.copy_(qs)
-        module.d.copy_(d)
-        return module.to(weight.device)
+        rows = max(1, FILL_ELEMENTS // max(1, weight.shape[1]))
+        with torch.no_grad():
+            for i in range(0, weight.shape[0], rows):
+                chunk = F.pad(weight[i:i + rows].detach().to(device="cpu", dtype=torch.float32), (0, self.padding))
+                self.qs[i:i + rows], self.d[i:i + rows] = quantize_q8_0(chunk)  # zeros: no block's amax moves
 
     @property
     def padding(self) -> int:

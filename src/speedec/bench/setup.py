@@ -87,10 +87,6 @@ def _initialise(model: LoopedLM, *, seed: int, residual_scale: float) -> None:
                 layer.mlp_out_norm.weight.fill_(residual_scale)
 
 
-# Values quantized at a time while a q8_0 model is built (bounds the quantizer's temporaries).
-Q8_BUILD_CHUNK = 1 << 20
-
-
 class _QuantizeAsDrawn(TorchDispatchMode):
     """While the float model's ``reset_parameters`` runs: a draw (``normal_``) into one of
     the 8-bit weights, which stay on the meta device, is made into a float32 tensor of
@@ -113,37 +109,8 @@ class _QuantizeAsDrawn(TorchDispatchMode):
         weight = torch.empty(target.shape, dtype=torch.float32)
         weight.normal_(*args[1:], **kwargs)
         for module in self.into[self.names[id(target)]]:
-            quantize_into(module, weight)
+            module.fill(weight)
         return target
-
-
-def quantize_q8_0_fast(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`speedec.q8_kernels.quantize_q8_0` of a float32 ``w [..., K]`` (K a multiple of
-    32), bit for bit, in float32 alone (about 5x faster: the build of a q8_0 model is mostly
-    this). The reference rounds ``|x| + 0.5`` down in float64 because float32 cannot hold
-    that sum; here ``floor(|x|) + (frac(|x|) >= 0.5)``, whose fraction float32 holds
-    exactly (``|x| <= 127``), is the same integer: half away from zero."""
-    blocks = w.reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
-    amax = blocks.abs().amax(-1)
-    d = amax / torch.full_like(amax, 127.0)
-    inv = torch.where(d != 0, torch.ones_like(d) / d, torch.zeros_like(d))
-    x = blocks * inv[..., None]
-    magnitude = x.abs()
-    q = magnitude.floor()
-    q += magnitude.sub_(q).ge_(0.5)
-    q.copysign_(x).clamp_(-127, 127)
-    return q.to(torch.int8).reshape(w.shape), d.half()
-
-
-def quantize_into(module: Q8Weight, weight: torch.Tensor) -> None:
-    """Fill ``module`` with the q8_0 of the float ``weight`` ``[out, in]``, a few rows at a
-    time: the same values and scales as ``Q8Weight.from_float(weight)`` (blocks run along
-    rows), without its whole-matrix temporaries."""
-    rows = max(1, Q8_BUILD_CHUNK // weight.shape[1])
-    with torch.no_grad():
-        for i in range(0, weight.shape[0], rows):
-            chunk = torch.nn.functional.pad(weight[i:i + rows].to(torch.float32), (0, module.padding))
-            module.qs[i:i + rows], module.d[i:i + rows] = quantize_q8_0_fast(chunk)
 
 
 def random_q8_model(config: ModelConfig, *, seed: int = 0, residual_scale: float = 1.0) -> LoopedLM:
