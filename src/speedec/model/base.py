@@ -29,9 +29,14 @@ class LoopedModelBase(KernelModule):
         self.exit_readout = None if rank is None else ExitReadout(
             config.d_model, rank, config.norm_eps, normed_input=getattr(config, "loop_norm", False))
 
+    def head_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads of a state: the final norm's output (an architecture
+        whose final norm already closed the loop reads the state as it is)."""
+        return self.norm(x)
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: ``[..., D] -> [..., V]`` (also the shared readout of any loop)."""
-        return linear(self.norm(x), self.head_weight, self.kernel)
+        return linear(self.head_features(x), self.head_weight, self.kernel)
 
     def exit_head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the early exit (the drafts): through the exit readout when the
@@ -49,7 +54,7 @@ class LoopedModelBase(KernelModule):
             return self.exit_head(exit_rows)
         if self.exit_readout is None:
             return self.head(torch.cat((final, exit_rows)))
-        features = torch.cat((self.norm(final), self.exit_readout(exit_rows)))
+        features = torch.cat((self.head_features(final), self.exit_readout(exit_rows)))
         return linear(features, self.head_weight, self.kernel)
 
     def end_of_loop(self, x: torch.Tensor) -> torch.Tensor:

@@ -137,18 +137,10 @@ class LoopedLM(LoopedModelBase):
         (the next loop reads the normed state)."""
         return self.norm(x) if self.loop_norm else x
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Where the final norm closes every loop, the state is already normed, so the
-        head is the LM head alone."""
-        if self.loop_norm:
-            return linear(x, self.head_weight, self.kernel)
-        return super().head(x)
-
-    def head_and_exit(self, final: torch.Tensor, exit_rows: torch.Tensor) -> torch.Tensor:
-        if self.loop_norm and self.exit_readout is not None and len(final) and len(exit_rows):
-            features = torch.cat((final, self.exit_readout(exit_rows)))
-            return linear(features, self.head_weight, self.kernel)
-        return super().head_and_exit(final, exit_rows)
+    def head_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Where the final norm closes every loop, the state is already normed: the head
+        reads it as it is."""
+        return x if self.loop_norm else self.norm(x)
 
     def exit_probabilities(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The early-exit gate (ouro) on the states after every loop ``[L, ..., D]``
