@@ -98,7 +98,8 @@ def serve_command(model_dir, model_name, host, port, engine, max_rows, max_queue
                           else resolve_model_dir(model_dir).resolve().name)
         scheduler = Scheduler(model, engine=engine, max_rows=max_rows, max_queue=max_queue, model_name=model_name)
         app = create_app(scheduler, tokenizer, model_name=model_name, chat_template=chat_renderer(directory),
-                         vocab_size=model.config.vocab_size, context_length=model.config.max_seq_len)
+                         vocab_size=model.config.vocab_size, context_length=model.config.max_seq_len,
+                         n_loops=model.config.n_loops)
         scheduler.start()
     except BaseException:
         sock.close()

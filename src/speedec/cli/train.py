@@ -19,7 +19,14 @@ from typing import Any
 
 import click
 
-from .options import Placement, model_dtype_option, option_group, placement_options, threads_option
+from .options import (
+    AT_LEAST_ONE,
+    Placement,
+    model_dtype_option,
+    option_group,
+    placement_options,
+    threads_option,
+)
 
 # Command-line options that override a field of the config file (option -> field).
 _OVERRIDES = ("out_dir", "max_steps", "max_tokens", "threads", "seed", "lr", "batch_size",
@@ -137,10 +144,14 @@ def train_command(run: TrainingRun) -> None:
               help="Validation windows scored per loop.")
 @click.option("--seq-len", default=256, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--loops", type=AT_LEAST_ONE, default=None,
+              help="Evaluate the model at this depth: its first N loops, as `speedec serve` serves "
+                   "NAME@loops=N (default: all its loops).")
 @placement_options(model_dtype_option, threads_option())
 def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_tokens, windows,
-                 seq_len, batch_size, placement: Placement) -> None:
-    """Per-loop perplexity, exit/final agreement and SPEED acceptance of a model."""
+                 seq_len, batch_size, loops, placement: Placement) -> None:
+    """Per-loop perplexity, exit/final agreement and SPEED acceptance of a model
+    (at depth --loops: the early exit moves to min(exit loop, N - 1), none at 1)."""
     from ..bundled import resolve_model_dir
     from ..kernels import prepare_kernel
     from ..model import LoopedLM
@@ -150,6 +161,11 @@ def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_toke
     placement.set_threads()
     model_dir = resolve_model_dir(model_dir)
     model = LoopedLM.from_pretrained(model_dir, dtype=placement.torch_dtype)
+    if loops is not None:
+        if loops > model.config.n_loops:
+            raise click.UsageError(f"--loops must be at most {model.config.n_loops} (the model's loops), "
+                                   f"got {loops}")
+        model = model.at_depth(loops)
     prepare_kernel(model)
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     result = evaluate_model(model, tokenizer, data_file, seq_len=seq_len, windows=windows,

@@ -10,6 +10,8 @@
 * :mod:`.streaming`: token chunks into text, whole or as Server-Sent Events (:class:`TextStream`),
   with their logprobs (:mod:`.logprobs` computes them in the scheduler);
 * :mod:`.metrics`: ``/metrics`` in Prometheus text format (:func:`prometheus_text`);
+* :mod:`.depths`: the model's ids, one per depth (``NAME@loops=d``);
+* :mod:`.tokenize`: the tokenizer's endpoints (``/tokenize``, ``/detokenize``, ``/tokenizer_info``);
 * :mod:`.state`: what the endpoints share, and :func:`chat_renderer`.
 
 The names other code imports from here (``create_app``, ``chat_renderer``,
@@ -27,12 +29,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .depths import model_ids
 from .errors import ApiError, error_response
 from .metrics import PROMETHEUS_CONTENT_TYPE, prometheus_text
 from .routes import DEFAULT_MAX_TOKENS, JsonBodyRoute, answer
 from .schemas import MAX_STOP_STRINGS, SEED_RANGE, ChatCompletionRequest, CompletionRequest
 from .state import ChatRenderer, ServerState, chat_renderer
 from .streaming import DISCONNECT_POLL_S, TextStream
+from .tokenize import tokenizer_routes
 
 __all__ = ["DEFAULT_MAX_TOKENS", "DISCONNECT_POLL_S", "MAX_STOP_STRINGS", "PROMETHEUS_CONTENT_TYPE", "SEED_RANGE",
            "ApiError", "ChatRenderer", "ServerState", "TextStream", "chat_renderer", "create_app", "mark_draining",
@@ -54,7 +58,7 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
 def create_app(scheduler: Any, tokenizer: Any, *, model_name: str, chat_template: ChatRenderer | None = None,
                stop_token_ids: Sequence[int] | None = None, chat_stop_token_ids: Sequence[int] | None = None,
                vocab_size: int | None = None, context_length: int | None = None,
-               retry_after_s: int = 1) -> FastAPI:
+               retry_after_s: int = 1, n_loops: int | None = None) -> FastAPI:
     """The FastAPI application serving ``scheduler`` under ``model_name``.
 
     ``tokenizer``: speedec's tokenizer of the model (``encode``/``decode``/``eos_token_id``).
@@ -65,7 +69,9 @@ def create_app(scheduler: Any, tokenizer: Any, *, model_name: str, chat_template
     has them). ``vocab_size``: prompt token ids are checked against it (the scheduler
     checks them too). ``context_length``: the model's ``max_seq_len``; a chat request
     without ``max_tokens`` may then use the rest of the context (else
-    ``DEFAULT_MAX_TOKENS``). ``retry_after_s``: the ``Retry-After`` of a 429.
+    ``DEFAULT_MAX_TOKENS``). ``retry_after_s``: the ``Retry-After`` of a 429. ``n_loops``:
+    the model's loops; the app then also serves it at each smaller depth ``d`` as
+    ``NAME@loops=d`` (:mod:`.depths`; None: ``NAME`` alone).
     """
     from .. import __version__
     from ..tokenizer import CHAT_END_TOKEN, EOS_TOKEN
@@ -79,7 +85,7 @@ def create_app(scheduler: Any, tokenizer: Any, *, model_name: str, chat_template
     state = ServerState(scheduler=scheduler, tokenizer=tokenizer, model_name=model_name, chat=chat_template,
                         stop_token_ids=frozenset(stop_token_ids),
                         chat_stop_token_ids=frozenset(chat_stop_token_ids), vocab_size=vocab_size,
-                        context_length=context_length, retry_after_s=retry_after_s)
+                        context_length=context_length, retry_after_s=retry_after_s, n_loops=n_loops)
 
     app = FastAPI(title="speedec", version=__version__, docs_url="/docs", redoc_url=None,
                   openapi_url="/openapi.json",
@@ -96,10 +102,16 @@ def create_app(scheduler: Any, tokenizer: Any, *, model_name: str, chat_template
 
     @app.get("/v1/models")
     async def models() -> Response:
-        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "speedec"}
-        if state.context_length is not None:
-            card["max_model_len"] = state.context_length
-        return JSONResponse({"object": "list", "data": [card]})
+        cards = []
+        for model_id, loops in model_ids(state.model_name, state.n_loops):
+            card = {"id": model_id, "object": "model", "created": state.created, "owned_by": "speedec",
+                    "root": state.model_name}
+            if loops:
+                card["loops"] = loops
+            if state.context_length is not None:
+                card["max_model_len"] = state.context_length
+            cards.append(card)
+        return JSONResponse({"object": "list", "data": cards})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -123,6 +135,7 @@ def create_app(scheduler: Any, tokenizer: Any, *, model_name: str, chat_template
         return await answer(state, request, body, chat=True)
 
     app.include_router(completion_routes)
+    app.include_router(tokenizer_routes(state))  # /tokenize, /detokenize, /tokenizer_info
     return app
 
 

@@ -41,6 +41,9 @@ class ServeRequest:
     # The prompt's logprobs (echo), each position with its top ``prompt_logprobs``
     # alternatives (None: none). ``max_tokens`` may be 0 then (the prompt alone).
     prompt_logprobs: int | None = None
+    # Loops to decode with (the model's view at that depth, ``LoopedLM.at_depth``);
+    # None: all of them.
+    loops: int | None = None
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The completion endpoints: a validated body (:mod:`.schemas`) checked against the
 served model, submitted to the scheduler and answered (:mod:`.streaming`).
 
-What pydantic cannot know is checked here: the model's name (404), prompt token
+What pydantic cannot know is checked here: the model's name and depth (404), prompt token
 ids within the vocabulary, the chat template (and its options), the default
 ``max_tokens`` against the context. The scheduler checks prompt + ``max_tokens``
 against the context itself; its refusals name the field they are about.
@@ -23,6 +23,7 @@ from starlette.background import BackgroundTask
 
 from ..errors import GenerationError, SpeedecError
 from ..sampling import SamplingParams
+from .depths import UnknownModel, requested_depth
 from .errors import ApiError
 from .requests import QueueFull, ServeRequest, ShuttingDown
 from .schemas import SEED_RANGE, ChatCompletionRequest, CompletionRequest
@@ -98,7 +99,8 @@ def _submit(state: ServerState, parsed: Prepared, stop_ids: frozenset[int]) -> A
     try:
         return state.scheduler.submit(
             ServeRequest(prompt_ids=parsed.prompt_ids, max_tokens=parsed.max_tokens, sampling=parsed.sampling,
-                         stop_token_ids=stop_ids, logprobs=parsed.logprobs, prompt_logprobs=prompt_logprobs),
+                         stop_token_ids=stop_ids, logprobs=parsed.logprobs, prompt_logprobs=prompt_logprobs,
+                         loops=parsed.loops),
             asyncio.get_running_loop())
     except QueueFull as exc:
         raise ApiError(429, str(exc) or "the server's queue is full; try again later", type="rate_limit_error",
@@ -163,9 +165,10 @@ def prepare(state: ServerState, body: CompletionRequest | ChatCompletionRequest,
             prompt: str | list[int] | None = None) -> Prepared:
     """``body`` checked against the served model: prompt ids, the limit, sampling
     (``prompt``: the completion's prompt, default the first of ``body.prompt``)."""
-    if body.model is not None and body.model != state.model_name:
-        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {state.model_name!r}",
-                       param="model", code="model_not_found")
+    try:  # NAME, or NAME@loops=d: the model at depth d (docs/serving.md)
+        loops = requested_depth(body.model, state.model_name, state.n_loops)
+    except UnknownModel as exc:
+        raise ApiError(404, str(exc), param="model", code="model_not_found") from None
     if isinstance(body, ChatCompletionRequest):
         prompt_ids, max_tokens = _chat_prompt(state, body), body.limit
     else:
@@ -186,7 +189,8 @@ def prepare(state: ServerState, body: CompletionRequest | ChatCompletionRequest,
     options = body.stream_options
     return Prepared(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, stop=body.stop or [],
                     stream=bool(body.stream), include_usage=bool(options and options.include_usage),
-                    return_token_ids=bool(body.return_token_ids), logprobs=_logprobs_of(body))
+                    return_token_ids=bool(body.return_token_ids), logprobs=_logprobs_of(body),
+                    model=body.model or state.model_name, loops=loops)
 
 
 def _logprobs_of(body: CompletionRequest | ChatCompletionRequest) -> int | None:

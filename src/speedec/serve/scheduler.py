@@ -57,6 +57,7 @@ from ..engines.step import StepPlan, run_step, run_steps
 from ..errors import ConfigError, GenerationError
 from ..kernels import FEW_ROWS
 from ..sampling import Sampler, SamplingParams
+from .depths import model_at
 from .keyed import KeyedSampling
 from .logprobs import check_logprobs, first_logprobs, prefill_request, verified_logprobs
 from .requests import QueueFull, RequestHandle, ServeRequest, ShuttingDown, StopOutput
@@ -174,11 +175,10 @@ class Scheduler:
         return self._accepting
 
     def submit(self, request: ServeRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
-        """Validate and enqueue ``request``. Raises GenerationError (a one-line message
-        naming the field: ``prompt``, ``max_tokens``, ``stop_token_ids``...), QueueFull
-        or ShuttingDown. ``loop``: the event loop :meth:`RequestHandle.stream` runs
-        in (default: the running loop, if any)."""
-        c = self.model.config
+        """Validate and enqueue ``request`` (decoded at depth ``request.loops``). Raises GenerationError
+        (one line naming the field: ``prompt``, ``max_tokens``, ``loops``...), QueueFull or ShuttingDown.
+        ``loop``: the event loop :meth:`RequestHandle.stream` runs in (default: the running one, if any)."""
+        c = model_at(self.model, request.loops).config
         prompt = token_ids(request.prompt_ids, c.vocab_size)
         m = request.max_tokens
         check_logprobs(request)
@@ -288,8 +288,8 @@ class Scheduler:
 
     def _admit(self, handle: RequestHandle) -> None:
         """Prefill a request and emit its first token; it joins the active set."""
-        request, model = handle.request, self.model
         try:
+            request, model = handle.request, model_at(self.model, handle.request.loops)
             begin = time.perf_counter()
             prompt = list(request.prompt_ids)
             seed = request.sampling.seed

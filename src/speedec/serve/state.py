@@ -28,6 +28,8 @@ class ServerState:
     vocab_size: int | None
     context_length: int | None
     retry_after_s: int
+    # The model's loops: it is also served as NAME@loops=d, d < n_loops (None: NAME alone).
+    n_loops: int | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     # True once the server is stopping: /health and new requests answer 503.
     draining: bool = False

@@ -52,6 +52,10 @@ class Prepared:
     # Completions: the prompt's text (and, with logprobs, its logprobs) before the completion.
     echo: bool = False
     prompt_text: str = ""
+    # The model id the request named (the answer's "model"; "": the served name) and
+    # the depth it asks for (``NAME@loops=d``; None: all loops).
+    model: str = ""
+    loops: int | None = None
 
 
 class TextStream:
@@ -302,7 +306,7 @@ class Answer:
             choice = {"index": self.parsed.index, "text": delta or "", "logprobs": logprobs,
                       "finish_reason": finish}
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.state.model_name, "choices": [choice]}
+                "created": self.created, "model": self.parsed.model or self.state.model_name, "choices": [choice]}
 
     async def events(self) -> AsyncIterator[str]:
         """``data: {chunk}`` events, then ``data: [DONE]`` (see :func:`events`)."""
@@ -368,7 +372,7 @@ async def events(runs: Sequence[Answer]) -> AsyncIterator[str]:
             prompts = {run.parsed.prompt_index: len(run.parsed.prompt_ids) for run in runs}
             prompt, completion = sum(prompts.values()), sum(len(run.tokens) for run in runs)
             yield _sse({"id": first.id, "object": "chat.completion.chunk" if first.chat else "text_completion",
-                        "created": first.created, "model": first.state.model_name, "choices": [],
+                        "created": first.created, "model": first.parsed.model or first.state.model_name, "choices": [],
                         "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                                   "total_tokens": prompt + completion}})
         yield "data: [DONE]\n\n"
@@ -398,7 +402,7 @@ async def whole(runs: Sequence[Answer], request: Request) -> Response:
     prompt = sum(prompts.values())
     completion = sum(len(run.tokens) for run in runs)
     body = {"id": first.id, "object": "chat.completion" if first.chat else "text_completion",
-            "created": first.created, "model": first.state.model_name, "choices": list(choices),
+            "created": first.created, "model": first.parsed.model or first.state.model_name, "choices": list(choices),
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                       "total_tokens": prompt + completion}}
     if first.parsed.return_token_ids:
