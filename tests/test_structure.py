@@ -231,5 +231,5 @@ def test_architectures_are_registered_once():
     base = dict(vocab_size=16, d_model=16, n_heads=2, n_kv_heads=2, ffn_dim=8, n_unique_layers=1, n_loops=2)
     for name in ARCHITECTURES:
         assert ModelConfig(**base, architecture=name).architecture == name
-    with pytest.raises(ConfigError, match="architecture must be one of llama, ouro, nanbeige, got 'gpt2'"):
+    with pytest.raises(ConfigError, match="architecture must be one of llama, ouro, nanbeige, huginn, got 'gpt2'"):
         ModelConfig(**base, architecture="gpt2")

@@ -19,14 +19,38 @@ import torch
 from .config import ModelConfig
 
 
+def _recurrent_depth(config: ModelConfig) -> bool:
+    from .architectures import architecture  # (the architectures import modules that import this one)
+
+    return architecture(config.architecture).recurrent_depth
+
+
 class KVCache:
+    """The cache of ``config``'s virtual layers for ``max_len`` positions. A recurrent-depth
+    model's (``prelude_layers`` / ``coda_layers``) also holds the cache of its prelude and
+    of its coda (:attr:`prelude`, :attr:`coda`: a ``KVCache`` of one loop each) and which
+    positions' coda entries belong to a token that completed the full depth
+    (:attr:`coda_ready`, see :class:`speedec.model.recurrent.RecurrentDepthLM`)."""
+
     def __init__(self, config: ModelConfig, max_len: int, *, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
-        shape = (config.n_unique_layers, config.n_loops, config.n_kv_heads, max_len,
-                 config.head_dim)
+                 device: torch.device | str = "cpu", layers: int | None = None,
+                 loops: int | None = None) -> None:
+        shape = (config.n_unique_layers if layers is None else layers,
+                 config.n_loops if loops is None else loops, config.n_kv_heads, max_len, config.head_dim)
         self.max_len = max_len
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.prelude = self.coda = self.coda_ready = None
+        if layers is None and _recurrent_depth(config):
+            self.prelude = KVCache(config, max_len, dtype=dtype, device=device, layers=config.prelude_layers, loops=1)
+            self.coda = KVCache(config, max_len, dtype=dtype, device=device, layers=config.coda_layers, loops=1)
+            self.coda_ready = torch.zeros(max_len, dtype=torch.bool, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, the prelude's and coda's included."""
+        own = self.keys.nbytes + self.values.nbytes
+        return own + sum(part.nbytes for part in (self.prelude, self.coda) if part is not None)
 
     def write(self, unique_layer: int, loop_ids: torch.Tensor, pos_ids: torch.Tensor,
               k: torch.Tensor, v: torch.Tensor) -> None:

@@ -117,9 +117,18 @@ class ModelConfig(JsonConfig):
     # float dtype) or "q8_0" (8-bit blocks of 32 with a float16 scale each,
     # llama.cpp's q8_0; see speedec.quant). Written by `speedec quantize`.
     quantization: str | None = None
+    # Recurrent-depth models only (architecture "huginn", see docs/huginn.md): layers
+    # run once per token before the looped core (the prelude, whose output is
+    # injected before every recurrence) and after it (the coda, read by the head);
+    # n_unique_layers is then the core's and n_loops the number of recurrences.
+    prelude_layers: int = 0
+    coda_layers: int = 0
+    # A learned bias added to every head's queries and keys before the rotary
+    # embedding (Huginn's qk_bias).
+    qk_bias: bool = False
 
     OMIT_AT_DEFAULT = ("loop_embedding", "exit_readout_rank", "architecture", "quantization",
-                       "skip_loop_final_norm", "attention_head_dim")
+                       "skip_loop_final_norm", "attention_head_dim", "prelude_layers", "coda_layers", "qk_bias")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "ffn_dim",
@@ -133,7 +142,11 @@ class ModelConfig(JsonConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        for name in ("tie_embeddings", "loop_embedding", "skip_loop_final_norm"):
+        for name in ("prelude_layers", "coda_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("tie_embeddings", "loop_embedding", "skip_loop_final_norm", "qk_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.exit_readout_rank is not None:
@@ -153,6 +166,9 @@ class ModelConfig(JsonConfig):
             if self.quantization not in QUANTIZATIONS:
                 raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or null, "
                                   f"got {self.quantization!r}")
+        if not arch.recurrent_depth and (self.prelude_layers or self.coda_layers or self.qk_bias):
+            raise ConfigError(f"prelude_layers, coda_layers and qk_bias belong to recurrent-depth models "
+                              f"(architecture huginn), not to the {self.architecture} architecture")
         arch.check_config(self)
         dim = self.attention_head_dim
         if dim is not None:

@@ -279,7 +279,7 @@ def load_config(directory: str | Path, expected: ModelFormat | None = LOOPED_LM)
 
 def from_pretrained(directory: str | Path, expected: ModelFormat | None = LOOPED_LM, *,
                     dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    exit_loop: int | None = None):
+                    exit_loop: int | None = None, loops: int | None = None):
     """The model saved in ``directory``, of the ``expected`` format (decoder-only unless
     told; None: whichever registered format the directory holds), or the Hugging Face
     checkpoint of an imported architecture there. A string that is no directory but a
@@ -287,12 +287,16 @@ def from_pretrained(directory: str | Path, expected: ModelFormat | None = LOOPED
     local cache, downloaded first when online (:func:`speedec.bundled.resolve_model_dir`). ``exit_loop`` replaces the config's
     early exit (decoder-only models). ``dtype`` None: the checkpoint's own dtype for an
     imported checkpoint (a bf16 one stays bf16: no float32 copy is made), float32 for
-    speedec's own models."""
+    speedec's own models. ``loops``: run the model for that many loops (recurrences, for a
+    recurrent-depth model any number; see ``at_depth``)."""
     if isinstance(directory, str) and not Path(directory).exists():
         from .bundled import resolve_model_dir  # a Hugging Face Hub id: its snapshot
 
         directory = resolve_model_dir(directory)
     directory = Path(directory)
+    if loops is not None:  # the exit is set once the depth is
+        model = from_pretrained(directory, expected, dtype=dtype, device=device)
+        return _at_depth(model, loops, exit_loop)
     data = _peek_config(directory)
     quantize = dtype == torch.int8  # q8_0 weights (speedec.quant), quantized from the float ones
     if isinstance(data, dict) and "format" not in data and "model_type" in data:
@@ -312,6 +316,19 @@ def from_pretrained(directory: str | Path, expected: ModelFormat | None = LOOPED
         model = _quantized(model)
     if exit_loop is not None and exit_loop != config.exit_loop:
         model.config = model.config.replace(exit_loop=exit_loop)
+    return model
+
+
+def _at_depth(model, loops: int | None, exit_loop: int | None):
+    """``model`` run for ``loops`` loops (recurrences), with ``exit_loop`` when given."""
+    if loops is None:
+        return model
+    try:
+        model = model.at_depth(loops)
+        if exit_loop is not None and exit_loop != model.config.exit_loop:
+            model.config = model.config.replace(exit_loop=exit_loop)
+    except ConfigError as exc:
+        raise ModelLoadError(f"cannot run the model at {loops} loops: {exc}") from None
     return model
 
 

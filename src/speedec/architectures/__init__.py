@@ -7,7 +7,8 @@ checks) and its checkpoint conversion table, as one
 
 * ``llama``     speedec's own (the default): pre-norm layers; exported as a plain Llama;
 * ``ouro``      Ouro: sandwich-norm layers, the final norm closing every loop, an exit gate;
-* ``nanbeige``  Nanbeige: Llama's layers, the final norm closing every loop (switchable).
+* ``nanbeige``  Nanbeige: Llama's layers, the final norm closing every loop (switchable);
+* ``huginn``    Huginn (recurrent depth): a prelude, a core looped r times with input injection, a coda.
 
 :data:`ARCHITECTURES` maps ``ModelConfig.architecture`` to its description, and
 :data:`IMPORTED` the Hugging Face ``model_type`` of every architecture whose
@@ -19,12 +20,13 @@ file and a line here.
 
 from ..errors import ConfigError
 from .base import Architecture, decoder_config
+from .huginn import HUGINN
 from .llama import LLAMA
 from .nanbeige import NANBEIGE
 from .ouro import OURO
 
 # ModelConfig.architecture -> its description (in the order errors list them).
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, OURO, NANBEIGE)}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, OURO, NANBEIGE, HUGINN)}
 
 # The Hugging Face "model_type" of every architecture whose checkpoints speedec loads.
 IMPORTED: dict[str, Architecture] = {a.model_type: a for a in ARCHITECTURES.values() if a.imported}

@@ -78,6 +78,10 @@ class Architecture:
     # and config_from_hf(data, path) -> ModelConfig (a ModelLoadError names the file).
     model_type: str | None = None
     config_from_hf: Callable[[dict, Path], ModelConfig] | None = None
+    # Recurrent-depth architectures (huginn): a prelude and a coda around the looped core,
+    # run by their own model class (a LoopedLM subclass); None: LoopedLM itself.
+    recurrent_depth: bool = False
+    model_class: type | None = None
 
     @property
     def imported(self) -> bool:

@@ -16,14 +16,14 @@ from .options import Placement
 
 
 def load_model(model: str | None, placement: Placement,
-               exit_loop: int | None = None) -> tuple[Path, LoopedLM]:
+               exit_loop: int | None = None, loops: int | None = None) -> tuple[Path, LoopedLM]:
     """The model directory (the bundled model when None; a Hugging Face model id's cached
     or downloaded snapshot: :func:`~speedec.bundled.resolve_model_dir`) and its model,
     kernel prepared, in the placement's dtype (None: the checkpoint's own) on its device;
-    ``exit_loop`` replaces the model's early exit."""
+    ``exit_loop`` replaces the model's early exit, ``loops`` its depth (``at_depth``)."""
     directory = resolve_model_dir(model)
     loaded = LoopedLM.from_pretrained(directory, dtype=placement.torch_dtype,
-                                      device=placement.torch_device, exit_loop=exit_loop)
+                                      device=placement.torch_device, exit_loop=exit_loop, loops=loops)
     prepare_kernel(loaded)
     return directory, loaded
 

@@ -15,6 +15,7 @@ from .options import (
     Speculation,
     device_option,
     exit_loop_option,
+    loops_option,
     model_dtype_option,
     placement_options,
     sampling_options,
@@ -39,6 +40,7 @@ from .options import (
 @click.option("--engine", default="speed", show_default=True,
               help="speed, autoregressive or self-speculative.")
 @speculation_options
+@loops_option
 @exit_loop_option
 @click.option("--eos-token-id", type=int, default=None,
               help="Stop at this token (default: the tokenizer's end-of-text, if any).")
@@ -49,7 +51,7 @@ from .options import (
 @click.option("--quiet", "-q", is_flag=True, help="No line of speed statistics on stderr.")
 def generate(prompt_arg: str | None, model_dir: str | None, prompt: str | None, prompt_ids: str | None,
              chat: bool, thinking: bool | None, max_new_tokens: int, engine: str, speculation: Speculation,
-             exit_loop: int | None, eos_token_id: int | None, sampling: Sampling, placement: Placement,
+             loops: int | None, exit_loop: int | None, eos_token_id: int | None, sampling: Sampling, placement: Placement,
              as_json: bool, stream: bool, quiet: bool) -> None:
     """Generate a continuation of a prompt (greedy by default, where every engine gives the
     same tokens; with --temperature every engine samples from the same distribution).
@@ -76,7 +78,7 @@ def generate(prompt_arg: str | None, model_dir: str | None, prompt: str | None, 
         raise click.UsageError("--chat needs a text prompt, not --prompt-ids")
     if thinking is not None and not chat:
         raise click.UsageError("--thinking/--no-thinking need --chat")
-    directory, model = load_model(model_dir, placement, exit_loop)
+    directory, model = load_model(model_dir, placement, exit_loop, loops)
     # What stdout shows before the continuation: the text prompt, or the user's message.
     shown = None if prompt is None else prompt + "\n" if chat else prompt
     if chat:

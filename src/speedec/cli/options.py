@@ -206,6 +206,11 @@ def placement_options(*options: Callable) -> Callable:
     return option_group(Placement, "placement", list(options))
 
 
+loops_option = click.option(
+    "--loops", type=AT_LEAST_ONE, default=None,
+    help="Run the model for this many loops (default: the model's; a recurrent-depth model such "
+         "as Huginn runs any number of recurrences, e.g. 32; a looped model 1 up to its own).")
+
 exit_loop_option = click.option(
     "--exit-loop", type=AT_LEAST_ONE, default=None,
     help="Loops before the early exit SPEED drafts from (default: the model's; 1 for an imported "

@@ -80,6 +80,9 @@ class ConditionedDecoder:
                    side: tuple[torch.Tensor, torch.Tensor]) -> SpareRows:
         return SpareRows.build(self.model.decoder_rope, positions, loops, index, side)
 
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.head(x)
 

@@ -19,7 +19,7 @@ class AutoregressiveEngine(Engine):
         pos = first_pos
         while not out.done:
             layout = model.layout([[pos]], [0])
-            x = model.embed(torch.tensor([[out.tokens[-1]]], device=model.device))  # [1, 1, D]
+            x = model.embed_rows(torch.tensor([[out.tokens[-1]]], device=model.device))  # [1, 1, D]
             x = model.run_loops(x, layout, cache, n_loops)
             stats.steps += n_loops
             stats.lm_head_calls += 1

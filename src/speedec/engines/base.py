@@ -162,7 +162,7 @@ def prefill(model: DecodingModel, cache: KVCache, prompt: list[int]) -> torch.Te
 def prefill_hidden(model: DecodingModel, cache: KVCache, prompt: list[int]) -> torch.Tensor:
     """:func:`prefill`'s pass: the final loop's states ``[1, T, D]`` of every prompt position."""
     layout = model.layout([list(range(len(prompt)))], [0])
-    x = model.embed(torch.tensor([prompt], device=model.device))  # [1, T, D]
+    x = model.embed_rows(torch.tensor([prompt], device=model.device))  # [1, T, D]
     return model.run_loops(x, layout, cache, model.config.n_loops)
 
 

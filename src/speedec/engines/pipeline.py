@@ -372,4 +372,4 @@ class Pipeline:
         self.free.extend(sp.index for sp in spares)
 
     def _embed(self, tokens: list[int]) -> torch.Tensor:
-        return self.model.embed(torch.tensor(tokens, device=self.device)[:, None])  # [n, 1, D]
+        return self.model.embed_rows(torch.tensor(tokens, device=self.device)[:, None])  # [n, 1, D]

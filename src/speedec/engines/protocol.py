@@ -30,6 +30,11 @@ class DecodingModel(Protocol):
     # per-model caches (decoders bound to different sources share it).
     embed: Callable[[torch.Tensor], torch.Tensor]
 
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[..]`` -> the rows ``[.., W]`` they enter their first pass as (the
+        embeddings, W = D, for most models)."""
+        ...
+
     @property
     def dtype(self) -> torch.dtype: ...
 

@@ -48,7 +48,7 @@ class SelfSpeculativeEngine(Engine):
             tokens = [out.tokens[-1]]
             hidden, draft_probs = [], []
             for i in range(k + 1):
-                x = model.embed(torch.tensor([[tokens[i]]], device=model.device))  # [1, 1, D]
+                x = model.embed_rows(torch.tensor([[tokens[i]]], device=model.device))  # [1, 1, D]
                 hidden.append(model.run_loops(x, model.layout([[pos + i]], [0]), cache, exit_loop))
                 if i < k:
                     exit_logits = model.exit_head(hidden[-1][0, 0])

@@ -63,7 +63,8 @@ def measure_step_costs(model: DecodingModel, rows: int, *, repeats: int = 5) -> 
         for n in range(1, rows + 1):
             loops = [min(i * (c.exit_loop or 1), c.n_loops - 1) for i in range(n)]
             layout = model.layout([[length - 1 - i] for i in range(n)], loops)
-            x = torch.randn(n, 1, c.d_model, generator=gen).to(model.dtype).to(model.device)
+            x = model.embed_rows(torch.zeros(n, 1, dtype=torch.long, device=model.device))
+            x = x + torch.randn(x.shape, generator=gen).to(model.dtype).to(model.device)
             model.run_loops(x, layout, cache, 1)  # warm-up
             times = []
             for _ in range(repeats):
@@ -103,6 +104,9 @@ class SpeedEngine(Engine):
                 or not 1 <= guesses <= min(self.MAX_GUESSES, c.vocab_size)):
             raise GenerationError(
                 f"guesses must be an integer from 1 to {min(self.MAX_GUESSES, c.vocab_size)}, got {guesses!r}")
+        if not getattr(model, "reads_any_loop", True) and (early_correction or guesses > 1):
+            raise GenerationError("a recurrent-depth model reads its drafts through its coda at the exit only: "
+                                  "the speed engine runs it without early_correction and with guesses=1")
         self.early_correction = early_correction
         self.guesses = guesses
         self.adaptive = adaptive

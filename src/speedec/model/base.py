@@ -29,6 +29,12 @@ class LoopedModelBase(KernelModule):
         self.exit_readout = None if rank is None else ExitReadout(
             config.d_model, rank, config.norm_eps, normed_input=getattr(config, "loop_norm", False))
 
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[...]`` -> the rows they enter their first decoding pass as
+        (``[..., D]``: the embeddings here; an architecture whose rows carry more than
+        the state, as huginn's, makes them here)."""
+        return self.embed(tokens)
+
     def head_features(self, x: torch.Tensor) -> torch.Tensor:
         """What the LM head reads of a state: the final norm's output (an architecture
         whose final norm already closed the loop reads the state as it is)."""

@@ -62,7 +62,7 @@ class LoopedLayer(KernelModule):
         ``attend(q, k, v)`` maps per-row q/k/v to attention output ``[G, T, H * hd]``."""
         G, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = linear(self.attn_norm(x), self.wqkv, self.kernel)  # [G, T, (H + 2 Hkv) hd]
+        qkv = self.project_qkv(x)  # [G, T, (H + 2 Hkv) hd]
         if getattr(attend, "rotates", False):  # the fused decoding path rotates q and k itself
             return linear(attend.from_qkv(qkv, H), self.wo, self.kernel)
         # q and k rotated together: [G, T, H + Hkv, hd]
@@ -70,6 +70,11 @@ class LoopedLayer(KernelModule):
         q, k = qk[:, :, :H], qk[:, :, H:]
         v = qkv[..., (H + Hkv) * hd:].reshape(G, T, Hkv, hd)
         return linear(attend(q, k, v), self.wo, self.kernel)
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention branch's fused q/k/v projection of ``x [..., D]`` (before the
+        rotary embedding): ``[..., (H + 2 Hkv) hd]``."""
+        return linear(self.attn_norm(x), self.wqkv, self.kernel)
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         """The SwiGLU MLP branch's update of ``x [..., D]``."""

@@ -57,6 +57,14 @@ class LoopedLM(LoopedModelBase):
     ``"nanbeige"`` (:mod:`speedec.architectures.nanbeige`): Llama's layers with
     ouro's norm at the end of every loop (unless ``skip_loop_final_norm``)."""
 
+    def __new__(cls, config: ModelConfig | None = None, *args, **kwargs):
+        # An architecture with its own model class (huginn) gets it from LoopedLM(config).
+        if cls is LoopedLM and config is not None:
+            from ..architectures import architecture
+
+            cls = architecture(config.architecture).model_class or cls
+        return super().__new__(cls)
+
     def __init__(self, config: ModelConfig) -> None:
         from ..architectures import architecture  # (the architectures import this package's modules)
 
@@ -83,7 +91,12 @@ class LoopedLM(LoopedModelBase):
         self.exit_gate = nn.Linear(config.d_model, 1) if arch.exit_gate else None
         self.init_loop_parameters(config)
         self.register_buffer("rope", arch.rope(config), persistent=False)
+        self.init_architecture_modules(config)
         self.reset_parameters()
+
+    def init_architecture_modules(self, config: ModelConfig) -> None:
+        """Create the modules an architecture adds to the decoder (huginn's prelude, coda
+        and adapter), before the first :meth:`reset_parameters`: none here."""
 
     # ----------------------------------------------------------------- setup
     def reset_parameters(self, *, std: float = 0.02, residual_scale: float = 1.0,
@@ -96,7 +109,7 @@ class LoopedLM(LoopedModelBase):
                 self.embed.weight.normal_(0.0, std, generator=generator)
             if isinstance(self.lm_head, nn.Parameter):  # (8-bit weights are made by quantizing)
                 self.lm_head.normal_(0.0, std, generator=generator)
-            for layer in self.layers:
+            for layer in self.weight_layers():
                 for w in (layer.wqkv, layer.w_gate_up):
                     if isinstance(w, nn.Parameter):
                         w.normal_(0.0, std, generator=generator)
@@ -113,6 +126,10 @@ class LoopedLM(LoopedModelBase):
         if self.exit_readout is not None:
             self.exit_readout.reset_parameters(self.norm, std=std, generator=generator)
 
+    def weight_layers(self) -> list[nn.Module]:
+        """Every layer with projections (the K unique layers; huginn adds its prelude and coda)."""
+        return list(self.layers)
+
     def save_pretrained(self, directory) -> None:
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
         from ..storage import save_pretrained
@@ -121,15 +138,17 @@ class LoopedLM(LoopedModelBase):
 
     @classmethod
     def from_pretrained(cls, directory, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu", exit_loop: int | None = None) -> LoopedLM:
+                        device: str | torch.device = "cpu", exit_loop: int | None = None,
+                        loops: int | None = None) -> LoopedLM:
         """Load a model saved by :meth:`save_pretrained`, or a Hugging Face checkpoint of an
-        architecture speedec imports (Ouro, Nanbeige); errors name the bad file. ``exit_loop``: the
+        architecture speedec imports (Ouro, Nanbeige, Huginn); errors name the bad file. ``loops``:
+        run it for that many loops (:meth:`at_depth`; any number of recurrences for Huginn). ``exit_loop``: the
         early exit SPEED drafts from (default: the saved one; 1 for an imported model).
         ``dtype``: default (None) the checkpoint's own for an imported checkpoint (bf16
         stays bf16), float32 for speedec's own models."""
         from ..storage import from_pretrained
 
-        return from_pretrained(directory, dtype=dtype, device=device, exit_loop=exit_loop)
+        return from_pretrained(directory, dtype=dtype, device=device, exit_loop=exit_loop, loops=loops)
 
     # ------------------------------------------------------------ architecture
     def end_of_loop(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,10 +205,11 @@ class LoopedLM(LoopedModelBase):
                 draft_logits = linear(self.exit_readout(x.detach()), head, self.kernel)
         return LoopedOutput(logits=self.head(x), loop_logits=loop_logits, draft_logits=draft_logits)
 
-    def _loops(self, tokens: torch.Tensor):
-        """The state of ``tokens [B, T]`` after each loop, one loop at a time."""
+    def sequence_attention(self, B: int, T: int):
+        """What the layers of a whole-sequence pass over ``[B, T]`` positions 0..T-1 attend
+        with: ``(cos, sin, attend)``, the rotary angles ``[1, T, 1, hd]`` and causal
+        self-attention ``attend(q, k, v)`` (no cache)."""
         c = self.config
-        B, T = tokens.shape
         if T > c.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {c.max_seq_len}")
         rope = self.rope[:T].to(self.dtype)
@@ -204,6 +224,12 @@ class LoopedLM(LoopedModelBase):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return out.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
 
+        return cos, sin, attend
+
+    def _loops(self, tokens: torch.Tensor):
+        """The state of ``tokens [B, T]`` after each loop, one loop at a time."""
+        c = self.config
+        cos, sin, attend = self.sequence_attention(*tokens.shape)
         x = self.embed(tokens)
         for loop in range(c.n_loops):
             x = self.begin_loop(x, loop)
