@@ -223,7 +223,7 @@ def test_eval_at_a_depth(tmp_path):
     assert results[1]["n_loops"] == 1 and results[1]["acceptance"] is None
     for loops in (1, 3):
         assert results[loops]["loss_per_loop"] == pytest.approx(results[None]["loss_per_loop"][:loops], rel=1e-6)
-    for bad, message in ((9, "--loops must be at most 4 (the model's loops), got 9"),
+    for bad, message in ((9, "--loops: loops must be an integer from 1 to 4 (the model's loops), got 9"),
                          (0, "--loops must be >= 1, got 0")):
         code, _, err = _run(*common, "--loops", bad)
         assert code == 2 and err == f"error: {message}\n", err

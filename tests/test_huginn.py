@@ -179,6 +179,24 @@ def test_speed_equals_autoregressive_float64_random_huginn(config, seed, data):
     assert generate(model, prompt, n_new, engine="self-speculative", draft_tokens=3).tokens == expected
 
 
+def test_random_initial_state_is_the_same_for_every_engine():
+    """The reference's random start (state_init_scale > 0), drawn per position from a seed:
+    it changes the output, and every engine starts each position alike."""
+    model = LoopedLM.from_pretrained(FIXTURE, dtype=torch.float64, loops=8)
+    zero_start = generate(model, PROMPTS[0], 16, engine="autoregressive").tokens
+    model.config = model.config.replace(exit_loop=2, state_init_scale=1.0, state_init_seed=3)
+    start = model.initial_state([5, 6])
+    std = (2 / (5 * 64)) ** 0.5 * 8.0  # std * sqrt(d_model), truncated at 3 std
+    assert 0.5 * std < start.std() < 1.5 * std and start.abs().max() <= 3 * std
+    expected = generate(model, PROMPTS[0], 16, engine="autoregressive").tokens
+    assert expected != zero_start
+    for engine, options in (("speed", {}), ("self-speculative", {"draft_tokens": 3})):
+        assert generate(model, PROMPTS[0], 16, engine=engine, **options).tokens == expected
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS[0] + expected[:-1]])).logits[0]
+    assert logits[len(PROMPTS[0]) - 1:].argmax(-1).tolist() == expected
+
+
 def test_whole_sequence_forward_equals_decoding():
     """The training forward (whole sequence, no cache) reads what decoding reads."""
     model = LoopedLM.from_pretrained(FIXTURE, dtype=torch.float64)

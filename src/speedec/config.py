@@ -126,9 +126,16 @@ class ModelConfig(JsonConfig):
     # A learned bias added to every head's queries and keys before the rotary
     # embedding (Huginn's qk_bias).
     qk_bias: bool = False
+    # Recurrent-depth models: the state a token's first recurrence starts from. 0: zeros
+    # (reproducible; the default). > 0: the reference's random start, a normal truncated at
+    # 3 std with std sqrt(2 / (5 d_model)) * state_init_scale, times sqrt(d_model), drawn per
+    # position from state_init_seed, so that every engine starts a position alike.
+    state_init_scale: float = 0.0
+    state_init_seed: int = 0
 
     OMIT_AT_DEFAULT = ("loop_embedding", "exit_readout_rank", "architecture", "quantization",
-                       "skip_loop_final_norm", "attention_head_dim", "prelude_layers", "coda_layers", "qk_bias")
+                       "skip_loop_final_norm", "attention_head_dim", "prelude_layers", "coda_layers", "qk_bias",
+                       "state_init_scale", "state_init_seed")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "ffn_dim",
@@ -142,7 +149,10 @@ class ModelConfig(JsonConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        for name in ("prelude_layers", "coda_layers"):
+        scale = self.state_init_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+            raise ConfigError(f"state_init_scale must be a number >= 0, got {scale!r}")
+        for name in ("prelude_layers", "coda_layers", "state_init_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
@@ -166,8 +176,9 @@ class ModelConfig(JsonConfig):
             if self.quantization not in QUANTIZATIONS:
                 raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or null, "
                                   f"got {self.quantization!r}")
-        if not arch.recurrent_depth and (self.prelude_layers or self.coda_layers or self.qk_bias):
-            raise ConfigError(f"prelude_layers, coda_layers and qk_bias belong to recurrent-depth models "
+        if not arch.recurrent_depth and (self.prelude_layers or self.coda_layers or self.qk_bias
+                                         or self.state_init_scale or self.state_init_seed):
+            raise ConfigError(f"prelude_layers, coda_layers, qk_bias and state_init_* belong to recurrent-depth models "
                               f"(architecture huginn), not to the {self.architecture} architecture")
         arch.check_config(self)
         dim = self.attention_head_dim
@@ -256,6 +267,21 @@ PRESETS: dict[str, ModelConfig] = {
                                          n_loops=2, exit_loop=1, max_seq_len=4096, rope_theta=70000000.0,
                                          norm_eps=1e-5, tie_embeddings=False, architecture="nanbeige",
                                          skip_loop_final_norm=False),
+    # Recurrent-depth presets (architecture "huginn", docs/huginn.md). Huginn-0125's shapes
+    # (its config.json: n_embd 5280, 55 heads of 96, intermediate 17920, vocab 65536, tied
+    # head, 2 prelude + 4 core + 2 coda blocks, mean_recurrence 32, rope_base 50000) with
+    # random weights: about 3.56B parameters, 7.1 GB bfloat16; max_seq_len 4096 as its
+    # block_size. The membound-scale one: membound's widths with 1 prelude, 2 core and 1
+    # coda block and an untied head (a random tied head echoes its input), 32 recurrences
+    # (--loops picks 8 or 16). Early exit at a quarter of the depth, as for an import.
+    "huginn-3.5b-shape": ModelConfig(vocab_size=65536, d_model=5280, n_heads=55, n_kv_heads=55, ffn_dim=17920,
+                                     n_unique_layers=4, n_loops=32, exit_loop=8, max_seq_len=4096,
+                                     rope_theta=50000.0, norm_eps=1e-6, tie_embeddings=True,
+                                     architecture="huginn", prelude_layers=2, coda_layers=2, qk_bias=True),
+    "membound-recurrent": ModelConfig(vocab_size=8192, d_model=1024, n_heads=16, n_kv_heads=16, ffn_dim=2816,
+                                      n_unique_layers=2, n_loops=32, exit_loop=8, max_seq_len=1024,
+                                      tie_embeddings=False, norm_eps=1e-6, architecture="huginn",
+                                      prelude_layers=1, coda_layers=1, qk_bias=True),
 }
 
 # Scale of the residual-branch output projections at init for each preset.
@@ -279,8 +305,15 @@ PRESETS: dict[str, ModelConfig] = {
 # positions) at 0.1: 0.78 with K = 2, 0.84 with K = 6, 0.785 at the real shape
 # (0.885 at 0.07); at 1.0 it is 0.06. At the real shape, int8, the same 8 prompts:
 # acceptance 0.835 (147/176) at 0.09.
+# huginn presets: the scale also sets how strongly the adapter's random part mixes the state
+# (RecurrentDepthLM.reset_parameters); membound-recurrent, seed 0, one random prompt of 16
+# ids + 16 greedy tokens, argmax after recurrence 1, 5, 9, ... agreeing with recurrence 32:
+# 0.66 / 1.0 from 5 on at 0.1; 0.19 / 0.97 / 1.0 at 0.5; at 1.5 0.06 after 1, 0.28 after 5,
+# 0.5 after 9, 0.75 after 16. 1.0 is between (benchmarks/results/huginn.md has the
+# acceptance it gives by exit).
 PRESET_RESIDUAL_SCALE: dict[str, float] = {"tiny": 1.0, "membound": 0.0045, "membound-deep": 0.0025,
-                                           "ouro-1.4b-shape": 0.003, "nanbeige-4.2-3b-shape": 0.09}
+                                           "ouro-1.4b-shape": 0.003, "nanbeige-4.2-3b-shape": 0.09,
+                                           "huginn-3.5b-shape": 1.0, "membound-recurrent": 1.0}
 
 
 def preset(name: str) -> ModelConfig:

@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from ..errors import ConfigError
 from .options import (
     AT_LEAST_ONE,
     Placement,
@@ -162,10 +163,10 @@ def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_toke
     model_dir = resolve_model_dir(model_dir)
     model = LoopedLM.from_pretrained(model_dir, dtype=placement.torch_dtype)
     if loops is not None:
-        if loops > model.config.n_loops:
-            raise click.UsageError(f"--loops must be at most {model.config.n_loops} (the model's loops), "
-                                   f"got {loops}")
-        model = model.at_depth(loops)
+        try:
+            model = model.at_depth(loops)  # any r for a recurrent-depth model, 1..L for a looped one
+        except ConfigError as exc:
+            raise click.UsageError(f"--loops: {exc}") from None
     prepare_kernel(model)
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     result = evaluate_model(model, tokenizer, data_file, seq_len=seq_len, windows=windows,

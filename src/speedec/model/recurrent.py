@@ -14,7 +14,8 @@ of :meth:`run_loops`:
 
 * a row that starts its first recurrence runs the prelude first (from its
   token's scaled embedding, which :meth:`embed_rows` puts in the ``e`` part),
-  writing the prelude's cache at its position; its state starts at zero;
+  writing the prelude's cache at its position; its state starts at zero (or at
+  the reference's random start, drawn per position: ``state_init_scale``);
 * every pass is one recurrence for all rows: one adapter product and one pass
   over the core's layers, whatever recurrence each row is at;
 * after the passes, a row that has completed all r recurrences runs the coda
@@ -97,15 +98,22 @@ class RecurrentDepthLM(LoopedLM):
 
     def reset_parameters(self, *, std: float = 0.02, residual_scale: float = 1.0,
                          generator: torch.Generator | None = None) -> None:
-        """:meth:`LoopedLM.reset_parameters` for every layer; the adapter starts as the
-        identity on the state plus normal(0, std) noise, so that random recurrences move
-        the state a little each (a stand-in for a trained model's convergence)."""
+        """:meth:`LoopedLM.reset_parameters` for every layer (query/key biases zero); the
+        adapter reads the state as half of it plus normal(0, std * residual_scale) noise and
+        the prelude's output through normal(0, std), so that the recurrences contract
+        towards a fixed point as a trained model's converge (how fast, ``residual_scale``
+        says, with the layers' output projections)."""
         super().reset_parameters(std=std, residual_scale=residual_scale, generator=generator)
+        with torch.no_grad():
+            for layer in self.weight_layers():
+                if getattr(layer, "qk_bias", None) is not None:
+                    layer.qk_bias.zero_()
         if isinstance(self.adapter, nn.Parameter):
             with torch.no_grad():
                 D = self.config.d_model
                 self.adapter.normal_(0.0, std, generator=generator)
-                self.adapter[:, :D] += torch.eye(D, dtype=self.adapter.dtype, device=self.adapter.device)
+                self.adapter[:, :D] *= residual_scale
+                self.adapter[:, :D] += 0.5 * torch.eye(D, dtype=self.adapter.dtype, device=self.adapter.device)
 
     def at_depth(self, n_loops: int) -> RecurrentDepthLM:
         """This model run for ``n_loops`` recurrences, any r >= 1 (the same weights, deeper or
@@ -139,6 +147,21 @@ class RecurrentDepthLM(LoopedLM):
         """What the head reads of a row: the features the coda left (final norm included)."""
         return x[..., 2 * self.config.d_model:]
 
+    def initial_state(self, positions: list[int]) -> torch.Tensor:
+        """``[len(positions), D]``: the state the first recurrence of a token at each position
+        starts from (``config.state_init_scale``: zeros, or the reference's truncated normal
+        drawn per position from ``state_init_seed``)."""
+        c = self.config
+        D = c.d_model
+        if not c.state_init_scale:
+            return torch.zeros(len(positions), D, dtype=self.dtype, device=self.device)
+        std = math.sqrt(2 / (5 * D)) * c.state_init_scale
+        rows = []
+        for position in positions:
+            generator = torch.Generator().manual_seed(c.state_init_seed * 1_000_003 + position)
+            rows.append(nn.init.trunc_normal_(torch.empty(D), 0.0, std, -3 * std, 3 * std, generator=generator))
+        return (torch.stack(rows) * self.embed_scale).to(dtype=self.dtype, device=self.device)
+
     # ------------------------------------------------------------ whole sequences
     def _loops(self, tokens: torch.Tensor):
         """The rows ``[B, T, 3D]`` of ``tokens`` after each recurrence, each with the coda's
@@ -147,7 +170,7 @@ class RecurrentDepthLM(LoopedLM):
         inject = self.embed(tokens) * self.embed_scale
         for layer in self.prelude:
             inject = layer(inject, cos, sin, attend)
-        state = torch.zeros_like(inject)
+        state = self.initial_state(list(range(tokens.shape[1])))[None].expand_as(inject)
         for _ in range(self.config.n_loops):
             state = linear(torch.cat((state, inject), dim=-1), self.adapter, self.kernel)
             for layer in self.layers:
@@ -205,9 +228,10 @@ class RecurrentDepthLM(LoopedLM):
             return list(layout.position_list[g * T: (g + 1) * T])
 
         # The prelude, for the rows entering their first recurrence.
-        index, parts = [], []
+        index, parts, started = [], [], []
         for (layout, cache), start in zip(segments, starts):
             fresh = [g for g in range(layout.groups) if layout.loops[g] == 0]
+            started += [p for g in fresh for p in positions(layout, g)]
             if fresh:
                 sub = self._sub_layout([positions(layout, g) for g in fresh])
                 cache.coda_ready[sub.flat_positions] = False  # a new token at these positions
@@ -216,7 +240,7 @@ class RecurrentDepthLM(LoopedLM):
         if index:
             rows = torch.tensor(index, device=x.device)
             inject = inject.index_copy(0, rows, self._through(self.prelude, inject[rows], parts))
-            state = state.index_fill(0, rows, 0.0)
+            state = state.index_copy(0, rows, self.initial_state(started).view(len(index), T, D))
 
         # The recurrences: every row through the adapter and the core once per pass.
         cos = sin = None
