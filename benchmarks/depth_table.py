@@ -11,7 +11,8 @@
    (``benchmarks/tasks/next_sentence.yaml``) against every depth's model id,
    ``speedec-default@loops=1`` ... ``speedec-default``.
 3. Measures each depth's decoding speed on the same server: greedy completions of
-   64 tokens, one request at a time (``speedec.serve.loadtest``, built-in prompts).
+   64 tokens, one request at a time (``speedec.serve.loadtest``, built-in prompts),
+   in rounds that interleave the depths; the median round is reported.
 
 Prints a markdown table and writes the numbers, the host's CPU, the date and the
 commit to ``--out`` (JSON). A few minutes on two cores::
@@ -26,6 +27,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,10 +129,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO / "data" / "english" / "test.txt"),
                         help="The held-out text (speedec data prepare's test split).")
-    parser.add_argument("--items", type=int, default=150)
+    parser.add_argument("--items", type=int, default=240, help="Items to build (the test split gives about 240).")
     parser.add_argument("--rebuild", action="store_true", help="Build the item file again.")
     parser.add_argument("--threads", type=int, default=1, help="The server's CPU threads.")
-    parser.add_argument("--requests", type=int, default=8, help="Completions per depth for tokens/s.")
+    parser.add_argument("--requests", type=int, default=8, help="Completions per depth and round for tokens/s.")
+    parser.add_argument("--rounds", type=int, default=5, help="Rounds of tokens/s (the median is reported).")
     parser.add_argument("--out", default=None, help="Write the table as JSON.")
     args = parser.parse_args()
 
@@ -148,18 +151,25 @@ def main() -> None:
     loops = json.loads((bundled_model_dir() / "config.json").read_text())["n_loops"]
     proc, url = start_server(args.threads)
     rows = []
+    load = os.getloadavg()[0]
     try:
         for depth in range(1, loops + 1):
             model_id = NAME if depth == loops else f"{NAME}@loops={depth}"
             with tempfile.TemporaryDirectory() as tmp:
                 metrics, seconds = harness(url, model_id, Path(tmp))
-            speed = run_loadtest(url, [1], args.requests, max_tokens=64, time_limit_s=300, stream=False,
-                                 model=model_id, progress=False)["levels"][0]
             rows.append({"model": model_id, "loops": depth, "acc": metrics["acc,none"],
                          "acc_stderr": metrics["acc_stderr,none"], "acc_norm": metrics["acc_norm,none"],
-                         "harness_seconds": round(seconds, 1), "tokens_per_s": speed["tokens_per_s"],
-                         "completed": speed["completed"]})
-            print(f"{model_id}: acc {rows[-1]['acc']:.3f}, {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+                         "harness_seconds": round(seconds, 1), "tokens_per_s_rounds": []})
+            print(f"{model_id}: acc {rows[-1]['acc']:.3f}", file=sys.stderr)
+        for _ in range(args.rounds):  # depths interleaved, so that a busy moment hits them all alike
+            for row in rows:
+                level = run_loadtest(url, [1], args.requests, max_tokens=64, time_limit_s=300, stream=False,
+                                     model=row["model"], progress=False)["levels"][0]
+                if level["completed"] != args.requests:
+                    raise SystemExit(f"error: {row['model']}: {level['completed']} of {args.requests} completed")
+                row["tokens_per_s_rounds"].append(level["tokens_per_s"])
+        for row in rows:
+            row["tokens_per_s"] = statistics.median(row["tokens_per_s_rounds"])
     finally:
         proc.terminate()
         proc.wait(60)
@@ -168,7 +178,9 @@ def main() -> None:
                             text=True).stdout.strip()
     document = {"schema": "speedec-depth-table/1", "task": TASK, "items": n_items, "cpu": host_cpu(),
                 "date": time.strftime("%Y-%m-%d"), "commit": commit, "server_threads": args.threads,
-                "engine": "speed", "tokens_per_s": f"{args.requests} greedy completions of 64 tokens, one at a time",
+                "engine": "speed", "load_average_1min_at_start": load,
+                "tokens_per_s": f"median of {args.rounds} rounds of {args.requests} greedy completions of 64 tokens, "
+                                "one at a time, depths interleaved",
                 "rows": rows}
     print("| loops | model id | accuracy (± stderr) | acc_norm | tokens/s |\n|---:|---|---:|---:|---:|")
     for row in rows:

@@ -81,7 +81,8 @@ class Message(_Body):
 class _Request(_Body):
     """The fields both endpoints share."""
 
-    model: StrictStr | None = Field(None, description="The served model's name (another: 404).")
+    model: StrictStr | None = Field(
+        None, description="The served model's name, or NAME@loops=d: the model at depth d (another: 404).")
     max_tokens: PositiveInt | None = Field(
         None, description="Tokens to generate at most (default 16; chat: the rest of the context).")
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = Field(
