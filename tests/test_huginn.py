@@ -149,6 +149,25 @@ def test_server_equals_autoregressive():
         assert metrics["rows_total"] > metrics["steps_total"]  # rows of several requests shared steps
 
 
+@pytest.mark.parametrize("engine", ["speed", "autoregressive"])
+def test_server_mixed_depths_each_equal_their_depth_alone(engine):
+    """Requests at r = 2, 4 (the model's), 8 and 32 share the scheduler's steps; each gives
+    what its depth gives alone (the coda runs for a row when its own request's depth ends)."""
+    from speedec.serve.depths import requested_depth
+    from speedec.serve.requests import ServeRequest
+
+    model = LoopedLM.from_pretrained(FIXTURE)
+    depths = [2, None, 8, 32, 8, 2]
+    prompts = [list(PROMPTS[i % 2][: 3 + i]) for i in range(len(depths))]
+    expected = [generate(model.at_depth(d or 4), p, 16, engine="autoregressive").tokens
+                for p, d in zip(prompts, depths)]
+    results, metrics = serve_requests(model, [ServeRequest(p, 16, loops=d) for p, d in zip(prompts, depths)],
+                                      concurrency=6, engine=engine, step_costs=[1.0] * 64)
+    assert results == expected
+    assert metrics["rows_total"] > metrics["steps_total"]
+    assert requested_depth("hg@loops=64", "hg", 4, any_depth=True) == 64
+
+
 def huginn_configs():
     return st.builds(
         lambda prelude, coda, core, loops, exit_frac, bias, heads: ModelConfig(

@@ -38,6 +38,9 @@ class KVCache:
         shape = (config.n_unique_layers if layers is None else layers,
                  config.n_loops if loops is None else loops, config.n_kv_heads, max_len, config.head_dim)
         self.max_len = max_len
+        # The depth and early exit of the model (view) the cache was made for: a recurrent-depth
+        # model reads them to know which rows finish in a step shared by requests of several depths.
+        self.loops, self.exit_loop = shape[1], config.exit_loop
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.prelude = self.coda = self.coda_ready = None

@@ -99,7 +99,7 @@ def serve_command(model_dir, model_name, host, port, engine, max_rows, max_queue
         scheduler = Scheduler(model, engine=engine, max_rows=max_rows, max_queue=max_queue, model_name=model_name)
         app = create_app(scheduler, tokenizer, model_name=model_name, chat_template=chat_renderer(directory),
                          vocab_size=model.config.vocab_size, context_length=model.config.max_seq_len,
-                         n_loops=model.config.n_loops)
+                         n_loops=model.config.n_loops, any_depth=getattr(model, "any_depth", False))
         scheduler.start()
     except BaseException:
         sock.close()

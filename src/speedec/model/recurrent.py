@@ -82,6 +82,8 @@ class RecurrentDepthLM(LoopedLM):
     # The speed engine's early_correction and spare guesses read rows at every loop;
     # this model reads a row through its coda only at the exit and at full depth.
     reads_any_loop = False
+    # Runs at any number of recurrences (the server accepts NAME@loops=d for any d >= 1).
+    any_depth = True
 
     def init_architecture_modules(self, config) -> None:
         from ..architectures import architecture
@@ -260,9 +262,11 @@ class RecurrentDepthLM(LoopedLM):
         features = x[..., 2 * D:]
         index, parts = [], []
         for (layout, cache), start in zip(segments, starts):
+            # (the depth and exit of the request the cache belongs to: a shared step may
+            # carry requests at several depths, decoded by views of this model)
             done = [loop + n_loops for loop in layout.loops]
-            full = [g for g in range(layout.groups) if done[g] == c.n_loops]
-            peek = [g for g in range(layout.groups) if done[g] == c.exit_loop]
+            full = [g for g in range(layout.groups) if done[g] == cache.loops]
+            peek = [g for g in range(layout.groups) if done[g] == cache.exit_loop]
             if full:
                 sub = self._sub_layout([positions(layout, g) for g in full])
                 cache.coda_ready[sub.flat_positions] = True  # (read by this call's drafts too)

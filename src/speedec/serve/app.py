@@ -58,7 +58,7 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
 def create_app(scheduler: Any, tokenizer: Any, *, model_name: str, chat_template: ChatRenderer | None = None,
                stop_token_ids: Sequence[int] | None = None, chat_stop_token_ids: Sequence[int] | None = None,
                vocab_size: int | None = None, context_length: int | None = None,
-               retry_after_s: int = 1, n_loops: int | None = None) -> FastAPI:
+               retry_after_s: int = 1, n_loops: int | None = None, any_depth: bool = False) -> FastAPI:
     """The FastAPI application serving ``scheduler`` under ``model_name``.
 
     ``tokenizer``: speedec's tokenizer of the model (``encode``/``decode``/``eos_token_id``).
@@ -85,7 +85,8 @@ def create_app(scheduler: Any, tokenizer: Any, *, model_name: str, chat_template
     state = ServerState(scheduler=scheduler, tokenizer=tokenizer, model_name=model_name, chat=chat_template,
                         stop_token_ids=frozenset(stop_token_ids),
                         chat_stop_token_ids=frozenset(chat_stop_token_ids), vocab_size=vocab_size,
-                        context_length=context_length, retry_after_s=retry_after_s, n_loops=n_loops)
+                        context_length=context_length, retry_after_s=retry_after_s, n_loops=n_loops,
+                        any_depth=any_depth)
 
     app = FastAPI(title="speedec", version=__version__, docs_url="/docs", redoc_url=None,
                   openapi_url="/openapi.json",

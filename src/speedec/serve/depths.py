@@ -38,11 +38,13 @@ def model_ids(name: str, n_loops: int | None) -> list[tuple[str, int]]:
     return [(name, n_loops)] + [(f"{name}{LOOPS_SUFFIX}{d}", d) for d in range(1, n_loops)]
 
 
-def requested_depth(requested: str | None, name: str, n_loops: int | None) -> int | None:
+def requested_depth(requested: str | None, name: str, n_loops: int | None, *,
+                    any_depth: bool = False) -> int | None:
     """The depth a request's ``model`` asks for: None for ``name`` (or no model: the
     served model at full depth), ``d`` for ``name@loops=d`` with ``1 <= d <= n_loops``
-    (``d == n_loops`` is the full model too). Raises :class:`UnknownModel`, one line
-    naming the model, for any other name or depth."""
+    (``d == n_loops`` is the full model too; ``any_depth``, a recurrent-depth model: any
+    ``d >= 1``). Raises :class:`UnknownModel`, one line naming the model, for any other
+    name or depth."""
     if requested is None or requested == name:
         return None
     if not requested.startswith(name + LOOPS_SUFFIX):
@@ -51,8 +53,9 @@ def requested_depth(requested: str | None, name: str, n_loops: int | None) -> in
                               else ""))
     text = requested[len(name + LOOPS_SUFFIX):]
     depth = int(text) if _DEPTH.fullmatch(text) else None
-    if not n_loops or depth is None or not 1 <= depth <= n_loops:
-        known = f"an integer from 1 to {n_loops}" if n_loops else "not available for this model"
+    if not n_loops or depth is None or depth < 1 or (depth > n_loops and not any_depth):
+        known = ("an integer >= 1" if any_depth else f"an integer from 1 to {n_loops}") if n_loops else (
+            "not available for this model")
         raise UnknownModel(f"the model {requested!r} does not exist: the depth after {LOOPS_SUFFIX!r} must be "
                            f"{known} ({name} has {n_loops or 'no known number of'} loops)")
     return None if depth == n_loops else depth

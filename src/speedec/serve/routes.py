@@ -166,7 +166,7 @@ def prepare(state: ServerState, body: CompletionRequest | ChatCompletionRequest,
     """``body`` checked against the served model: prompt ids, the limit, sampling
     (``prompt``: the completion's prompt, default the first of ``body.prompt``)."""
     try:  # NAME, or NAME@loops=d: the model at depth d (docs/serving.md)
-        loops = requested_depth(body.model, state.model_name, state.n_loops)
+        loops = requested_depth(body.model, state.model_name, state.n_loops, any_depth=state.any_depth)
     except UnknownModel as exc:
         raise ApiError(404, str(exc), param="model", code="model_not_found") from None
     if isinstance(body, ChatCompletionRequest):

@@ -30,6 +30,8 @@ class ServerState:
     retry_after_s: int
     # The model's loops: it is also served as NAME@loops=d, d < n_loops (None: NAME alone).
     n_loops: int | None = None
+    # A recurrent-depth model also runs deeper than n_loops: NAME@loops=d for any d >= 1.
+    any_depth: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     # True once the server is stopping: /health and new requests answer 503.
     draining: bool = False
