@@ -61,14 +61,17 @@ class SelfSpeculativeEngine(Engine):
             stats.steps += (k + 1) * exit_loop
             stats.drafts_launched += k
 
-            # Verify: all k + 1 rows through the remaining loops at once, causal among themselves.
-            x = torch.cat(hidden, dim=1)  # [1, k + 1, D]
-            layout = model.layout([[pos + i for i in range(k + 1)]], [exit_loop])
+            # Verify: all k + 1 rows through the remaining loops at once, causal among themselves,
+            # each as a group of its own (one row per group, as every other engine decodes: a
+            # row's attention is then computed as it is alone, in every dtype, so the verified
+            # tokens are autoregressive's bit for bit).
+            x = torch.cat(hidden, dim=0)  # [k + 1, 1, D]
+            layout = model.layout([[pos + i] for i in range(k + 1)], [exit_loop] * (k + 1))
             x = model.run_loops(x, layout, cache, n_loops - exit_loop)
             stats.steps += n_loops - exit_loop
             stats.lm_head_calls += 1
             rows_total += (k + 1) * exit_loop + (k + 1) * (n_loops - exit_loop)
-            final_logits = model.head(x[0])  # [k + 1, V]
+            final_logits = model.head(x[:, 0])  # [k + 1, V]
             emitted = self._judge(final_logits, tokens[1:], draft_probs, sampler)
             accepted = len(emitted) - 1
             stats.drafts_accepted += accepted
