@@ -69,6 +69,9 @@ class CachedSelfAttention:
         layout = self.layout
         self.cache.write(unique_layer, self.loop_ids, layout.flat_positions,
                          k.reshape(G * T, Hkv, hd), v.reshape(G * T, Hkv, hd))
+        if T == 1:  # decoding: every row as a lone row (the same products whatever shares the call)
+            return torch.cat([self._one_row(unique_layer, q[g: g + 1], layout.loops[g] + self.shift,
+                                            layout.position_list[g]) for g in range(G)])
         keys, values = self.cache.read(unique_layer, self.loop_index, layout.kv_len)  # [G, Hkv, S, hd]
         S = layout.kv_len
         # Queries grouped by kv head: [G, T, Hkv, rep, hd] -> [G*Hkv, rep*T, hd], scaled.
@@ -84,6 +87,22 @@ class CachedSelfAttention:
         out = torch.bmm(probs, values.reshape(G * Hkv, S, hd))  # [G*Hkv, rep*T, hd]
         # [G, Hkv, rep, T, hd] -> [G, T, H*hd]
         return out.view(G, Hkv, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(G, T, -1)
+
+
+    def _one_row(self, unique_layer: int, q: torch.Tensor, loop: int, position: int) -> torch.Tensor:
+        """The attention of one row ``q [1, 1, H, hd]`` at ``(loop, position)`` over its
+        virtual layer's keys ``0..position`` -> ``[1, 1, H * hd]``. Every decoding row
+        off the fused path goes through here, one at a time, so that its products have
+        the same shapes and layout whichever engine runs it and whatever else shares the
+        step: in bf16 a batched product of several rows can round differently."""
+        _, _, H, hd = q.shape
+        Hkv = self.cache.keys.shape[2]
+        rep = H // Hkv
+        keys = self.cache.keys[unique_layer, loop, :, : position + 1]  # [Hkv, S, hd] (a view)
+        values = self.cache.values[unique_layer, loop, :, : position + 1]
+        q = q.reshape(Hkv, rep, hd) * hd ** -0.5
+        probs = torch.softmax(torch.bmm(q, keys.transpose(1, 2)), dim=-1)  # [Hkv, rep, S]
+        return torch.bmm(probs, values).reshape(1, 1, H * hd)
 
 
 class SpareAttention:
