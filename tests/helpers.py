@@ -241,3 +241,48 @@ def serve_on_loopback(app, scheduler):
         thread.join(10)
         scheduler.shutdown(5.0)
         sock.close()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it on one thread: a tiny model's products are
+    just big enough for PyTorch to split them over threads, which only adds waiting
+    (badly so on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """``speedec ARGS`` in process: exit code, stdout, stderr."""
+    from click.testing import CliRunner
+
+    from speedec.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def edit_config(directory, **changes) -> None:
+    """Change fields of ``directory``'s ``config.json``."""
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / "config.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def edit_tensors(directory, edit) -> None:
+    """Rewrite ``directory``'s ``model.safetensors`` after ``edit(tensors)``."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    path = str(Path(directory) / "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+

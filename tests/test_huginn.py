@@ -10,15 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from helpers import random_model, serve_requests, vary_norm_gains
+from helpers import (  # noqa: F401 (one_thread: a fixture)
+    edit_config,
+    edit_tensors,
+    one_thread,
+    random_model,
+    run_cli,
+    serve_requests,
+    vary_norm_gains,
+)
 from speedec import GenerationError, LoopedLM, ModelConfig, ModelLoadError, export_hf, generate
 from speedec.cache import KVCache
-from speedec.cli import cli
 from speedec.engines.base import prefill
 from speedec.model.rotary import float32_rope_table
 
@@ -26,12 +32,6 @@ FIXTURE = Path(__file__).parent / "data" / "huginn-tiny"
 TOL = 1e-4  # float32 against the reference, fixed before the first comparison (issue 23)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,6 @@ def ref():
     return load_file(str(FIXTURE / "reference.safetensors"))
 
 
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_config_mapping():
@@ -239,31 +236,23 @@ def _copy(tmp_path: Path) -> Path:
     return directory
 
 
-def _edit_config(directory: Path, **changes) -> None:
-    data = json.loads((directory / "config.json").read_text())
-    data.update(changes)
-    (directory / "config.json").write_text(json.dumps(data))
 
 
-def _edit_tensors(directory: Path, edit) -> None:
-    tensors = load_file(str(directory / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(directory / "model.safetensors"))
 
 
 @pytest.mark.parametrize("break_it, message", [
-    (lambda d: _edit_config(d, model_type="huginn_raven_v2"), "model_type 'huginn_raven_v2'"),
-    (lambda d: _edit_config(d, injection_type="add"), "injection_type 'add' is not supported"),
-    (lambda d: _edit_config(d, bias=True), "bias True is not supported"),
-    (lambda d: _edit_config(d, test_time_noise=0.5), "test_time_noise 0.5 is not supported"),
-    (lambda d: _edit_config(d, num_key_value_heads=2), "num_key_value_heads 2 differs"),
-    (lambda d: _edit_tensors(d, lambda t: t.pop("transformer.coda.1.mlp.fc.weight")),
+    (lambda d: edit_config(d, model_type="huginn_raven_v2"), "model_type 'huginn_raven_v2'"),
+    (lambda d: edit_config(d, injection_type="add"), "injection_type 'add' is not supported"),
+    (lambda d: edit_config(d, bias=True), "bias True is not supported"),
+    (lambda d: edit_config(d, test_time_noise=0.5), "test_time_noise 0.5 is not supported"),
+    (lambda d: edit_config(d, num_key_value_heads=2), "num_key_value_heads 2 differs"),
+    (lambda d: edit_tensors(d, lambda t: t.pop("transformer.coda.1.mlp.fc.weight")),
      "lacks tensor(s): transformer.coda.1.mlp.fc.weight"),
-    (lambda d: _edit_tensors(d, lambda t: t.update({"transformer.adapter.weight": torch.zeros(64, 64)})),
+    (lambda d: edit_tensors(d, lambda t: t.update({"transformer.adapter.weight": torch.zeros(64, 64)})),
      "tensor transformer.adapter.weight has shape (64, 64)"),
-    (lambda d: _edit_tensors(d, lambda t: t.update({"transformer.core_block.3.norm_1.weight": torch.ones(64)})),
+    (lambda d: edit_tensors(d, lambda t: t.update({"transformer.core_block.3.norm_1.weight": torch.ones(64)})),
      "no place in speedec for huginn tensor(s) transformer.core_block.3.norm_1.weight"),
-    (lambda d: _edit_config(d, n_layers_in_recurrent_block=4), "lacks tensor(s)"),
+    (lambda d: edit_config(d, n_layers_in_recurrent_block=4), "lacks tensor(s)"),
 ])
 def test_broken_checkpoint_is_one_line_error(tmp_path, break_it, message):
     directory = _copy(tmp_path)
@@ -271,7 +260,7 @@ def test_broken_checkpoint_is_one_line_error(tmp_path, break_it, message):
     with pytest.raises(ModelLoadError) as info:
         LoopedLM.from_pretrained(directory)
     assert message in str(info.value) and "\n" not in str(info.value)
-    code, stdout, err = run("generate", "--model", directory, "--prompt-ids", "1,2")
+    code, stdout, err = run_cli("generate", "--model", directory, "--prompt-ids", "1,2")
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err + stdout
 
 
@@ -301,12 +290,12 @@ def test_export_round_trip_is_bit_exact(tmp_path, dtype):
 
 def test_cli_generate_at_any_depth():
     for engine in ("speed", "autoregressive"):
-        code, stdout, err = run("generate", "--model", FIXTURE, "--prompt-ids", "115,266,271", "--loops", "32",
+        code, stdout, err = run_cli("generate", "--model", FIXTURE, "--prompt-ids", "115,266,271", "--loops", "32",
                                 "--exit-loop", "8", "--max-new-tokens", "6", "--engine", engine, "--json")
         assert code == 0, err
         out = json.loads(stdout)
         assert out["stats"]["steps_per_token"] == 32.0 or engine == "speed"
         model = LoopedLM.from_pretrained(FIXTURE, loops=32)
         assert out["tokens"] == generate(model, [115, 266, 271], 6, engine="autoregressive").tokens
-    code, _, err = run("generate", "--model", FIXTURE, "--prompt-ids", "1,2", "--loops", "0")
+    code, _, err = run_cli("generate", "--model", FIXTURE, "--prompt-ids", "1,2", "--loops", "0")
     assert code == 2 and "--loops" in err

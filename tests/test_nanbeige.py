@@ -15,15 +15,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from helpers import check_speed_on_random_prompt, random_model, serve_requests, vary_norm_gains
+from helpers import (  # noqa: F401 (one_thread: a fixture)
+    check_speed_on_random_prompt,
+    edit_config,
+    edit_tensors,
+    one_thread,
+    random_model,
+    run_cli,
+    serve_requests,
+    vary_norm_gains,
+)
 from speedec import LoopedLM, ModelLoadError, chat_prompt, export_hf, generate
 from speedec.architectures.nanbeige import UNSUPPORTED
-from speedec.cli import cli
 from speedec.tokenizer import load_tokenizer, prompt_ids, render_chat
 from test_engines import configs
 
@@ -53,12 +60,6 @@ SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "<
 BOS, EOS = 1, 2  # <|im_start|>, <|im_end|>
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_tokenizer(directory: Path) -> None:
@@ -295,45 +296,34 @@ def test_server_equals_autoregressive(tmp_path):
         assert metrics["rows_total"] > metrics["steps_total"]  # rows of several requests shared steps
 
 
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
-def _edit_config(directory: Path, **changes) -> None:
-    data = json.loads((directory / "config.json").read_text())
-    data.update(changes)
-    (directory / "config.json").write_text(json.dumps(data))
 
 
-def _edit_tensors(directory: Path, edit) -> None:
-    tensors = load_file(str(directory / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(directory / "model.safetensors"))
 
 
 @pytest.mark.parametrize("name", UNSUPPORTED)
 def test_unsupported_features_are_refused_by_name(tmp_path, name):
     directory = write_checkpoint(tmp_path / "nb", tokenizer=False)
-    _edit_config(directory, **{name: [3] if name in ("insert_ngram_layer_idx", "loop_middle_layers") else True})
+    edit_config(directory, **{name: [3] if name in ("insert_ngram_layer_idx", "loop_middle_layers") else True})
     with pytest.raises(ModelLoadError, match=name):
         LoopedLM.from_pretrained(directory)
-    code, stdout, err = run("generate", "--model", directory, "--prompt-ids", "1,2")
+    code, stdout, err = run_cli("generate", "--model", directory, "--prompt-ids", "1,2")
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert name in err and "config.json" in err and "Traceback" not in err + stdout
 
 
 @pytest.mark.parametrize("break_it, message", [
-    (lambda d: _edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+    (lambda d: edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
      "lacks tensor(s): model.layers.1.mlp.up_proj.weight"),
-    (lambda d: _edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.o_proj.weight": torch.zeros(48, 48)})),
+    (lambda d: edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.o_proj.weight": torch.zeros(48, 48)})),
      "has shape (48, 48)"),
-    (lambda d: _edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)})),
+    (lambda d: edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)})),
      "no place in speedec for nanbeige tensor(s) model.layers.0.self_attn.q_norm.weight"),
-    (lambda d: _edit_tensors(d, lambda t: t.pop("lm_head.weight")), "lacks tensor(s): lm_head.weight"),
-    (lambda d: _edit_config(d, rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
-    (lambda d: _edit_config(d, hidden_act="gelu"), "hidden_act 'gelu'"),
-    (lambda d: _edit_config(d, num_loops=0), "num_loops must be an integer >= 1"),
+    (lambda d: edit_tensors(d, lambda t: t.pop("lm_head.weight")), "lacks tensor(s): lm_head.weight"),
+    (lambda d: edit_config(d, rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+    (lambda d: edit_config(d, hidden_act="gelu"), "hidden_act 'gelu'"),
+    (lambda d: edit_config(d, num_loops=0), "num_loops must be an integer >= 1"),
 ])
 def test_broken_checkpoint_is_one_line_error(tmp_path, break_it, message):
     directory = write_checkpoint(tmp_path / "nb", tokenizer=False)
@@ -341,7 +331,7 @@ def test_broken_checkpoint_is_one_line_error(tmp_path, break_it, message):
     with pytest.raises(ModelLoadError) as info:
         LoopedLM.from_pretrained(directory)
     assert message in str(info.value) and "\n" not in str(info.value)
-    code, _, err = run("generate", "--model", directory, "--prompt-ids", "1,2")
+    code, _, err = run_cli("generate", "--model", directory, "--prompt-ids", "1,2")
     assert code == 2 and message in err and err.count("\n") == 1
 
 
@@ -399,7 +389,7 @@ def test_text_prompt_starts_with_bos_once(chat_model):
     ids = prompt_ids(tok, "the cat sat")
     assert ids[0] == BOS and ids[1:] == tok.encode("the cat sat") and BOS not in ids[1:]
     assert prompt_ids(tok, "<|im_start|>user") == tok.encode("<|im_start|>user")  # never twice
-    code, stdout, err = run("generate", "--model", chat_model, "the cat sat", "--max-new-tokens", 3, "--json")
+    code, stdout, err = run_cli("generate", "--model", chat_model, "the cat sat", "--max-new-tokens", 3, "--json")
     assert code == 0, err
     assert json.loads(stdout)["prompt_ids"] == ids
 
@@ -428,14 +418,14 @@ def test_cli_chat_thinking_and_stop_at_im_end(tmp_path, chat_model):
         assert expected.stop_reason == "eos" and expected.tokens[-1] == EOS
         out = export_hf(model, tmp_path / f"chat{len(flags)}")
         write_tokenizer(out)
-        code, stdout, err = run("generate", "--model", out, "--chat", "two plus two?", *flags,
+        code, stdout, err = run_cli("generate", "--model", out, "--chat", "two plus two?", *flags,
                                 "--max-new-tokens", 20, "--json")
         assert code == 0, err
         result = json.loads(stdout)
         assert result["prompt_ids"] == ids
         assert result["tokens"] == expected.tokens and result["stop_reason"] == "eos"
         assert result["text"].endswith("<|im_end|>")
-    code, _, err = run("generate", "--model", chat_model, "hi", "--no-thinking")
+    code, _, err = run_cli("generate", "--model", chat_model, "hi", "--no-thinking")
     assert code == 2 and "--chat" in err
 
 
@@ -480,16 +470,16 @@ def test_train_exit_on_imported_checkpoint(tmp_path, chat_model):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(["the cat sat on the mat and thought about the answer"] * 60))
     # How a user measures the acceptance of the untrained loop-1 readout.
-    code, stdout, err = run("eval", "--model", chat_model, "--data", text, "--windows", 2, "--seq-len", 32,
+    code, stdout, err = run_cli("eval", "--model", chat_model, "--data", text, "--windows", 2, "--seq-len", 32,
                             "--prompts", 2, "--prompt-tokens", 8, "--new-tokens", 8, "--json")
     assert code == 0, err
     measured = json.loads(stdout)
     assert measured["exit_loop"] == 1 and len(measured["agreement_per_loop"]) == 2
     assert 0 <= measured["acceptance"] <= 1
-    code, _, err = run("train-exit", "--model", chat_model, "--train", text, "--val", text, "--steps", 3)
+    code, _, err = run_cli("train-exit", "--model", chat_model, "--train", text, "--val", text, "--steps", 3)
     assert code == 2 and "--out" in err and "Traceback" not in err
     out = tmp_path / "fitted"
-    code, stdout, err = run("train-exit", "--model", chat_model, "--out", out, "--train", text, "--val", text,
+    code, stdout, err = run_cli("train-exit", "--model", chat_model, "--out", out, "--train", text, "--val", text,
                             "--steps", 6, "--batch-size", 2, "--seq-len", 32, "--rank", 4, "--no-progress",
                             "--json")
     assert code == 0, err
