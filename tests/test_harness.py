@@ -2,7 +2,8 @@
 model, float64) on a loopback port, and ``lm_eval --model local-completions``
 against it, offline, on the two task files in ``tests/data/harness/`` (a
 ``multiple_choice`` task reading a local jsonl, a ``generate_until`` task), at
-two depths (``speedec-default`` and ``speedec-default@loops=1``).
+every depth of the 4-loop bundled model (``speedec-default`` and
+``speedec-default@loops=1`` ... ``@loops=3``).
 
 The harness's numbers must be the model's: its multiple-choice accuracy equals
 the accuracy computed here in-process from the depth's logits (the sum of the
@@ -120,7 +121,7 @@ def expected_generation(model, tokenizer, prompt: str) -> str:
     return text
 
 
-@pytest.mark.parametrize("loops", [None, 1])
+@pytest.mark.parametrize("loops", [None, 1, 2, 3])  # every depth of the 4-loop bundled model
 def test_harness_accuracy_is_the_models_at_each_depth(server, reference, loops, tmp_path):
     model, tokenizer = reference
     view = model if loops is None else model.at_depth(loops)

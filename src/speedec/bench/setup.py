@@ -44,6 +44,13 @@ def build_model(preset_name: str, *, seed: int = 0, model_dir: str | Path | None
     config = preset(preset_name)
     if exit_loop is not None:
         config = config.replace(exit_loop=exit_loop)
+    if dtype == torch.int8 and config.architecture == "huginn":
+        # A recurrent-depth model's adapter is drawn and then shifted (RecurrentDepthLM.reset_parameters),
+        # which drawing into 8-bit weights one matrix at a time cannot follow: the float32 model is
+        # made whole and quantized (about 4.5 bytes a parameter at the peak).
+        from ..quant import quantize_model
+
+        return quantize_model(random_model(config, seed=seed, residual_scale=residual_scale))
     if dtype == torch.int8:  # q8_0: the float32 model's weights, quantized one by one as they are drawn
         return random_q8_model(config, seed=seed, residual_scale=residual_scale)
     return random_model(config, seed=seed, residual_scale=residual_scale, dtype=dtype or torch.float32)
