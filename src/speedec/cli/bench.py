@@ -23,13 +23,16 @@ from .options import (
 
 PRESET_HELP = ("membound, membound-deep, ouro-1.4b-shape (Ouro-1.4B's shapes and architecture, random "
                "weights: 5.7 GB float32, 2.9 GB with --dtype bfloat16), nanbeige-4.2-3b-shape (Nanbeige4.2-3B's "
-               "shapes and architecture, random weights: 16.7 GB float32, 8.3 GB bfloat16, 4.4 GB int8), tiny, "
+               "shapes and architecture, random weights: 16.7 GB float32, 8.3 GB bfloat16, 4.4 GB int8), "
+               "huginn-3.5b-shape (Huginn-0125's recurrent-depth shapes, r = 32: 7.1 GB bfloat16), "
+               "membound-recurrent (a recurrent-depth model at membound's widths, r = 32), tiny, "
                "or default (the bundled model).")
 # Rows of `speedec bench` when --engines is not given.
 DEFAULT_ENGINES = ("autoregressive,speed,self-speculative,hf-generate,hf-early-exit,"
                    "llamacpp-f32,llamacpp-f16,llamacpp-q8_0")
 # Presets whose default rows are fewer: at 1.4B parameters each row costs minutes.
-PRESET_ENGINES = {"ouro-1.4b-shape": "autoregressive,speed", "nanbeige-4.2-3b-shape": "autoregressive,speed"}
+PRESET_ENGINES = {"ouro-1.4b-shape": "autoregressive,speed", "nanbeige-4.2-3b-shape": "autoregressive,speed",
+                  "huginn-3.5b-shape": "autoregressive,speed"}
 # Rows of transformers' generate on the exported Llama: row name -> what it runs.
 HF_ROWS = {"hf-generate": "generate", "hf-early-exit": "early-exit"}
 
