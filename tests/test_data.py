@@ -270,7 +270,44 @@ def test_bibles_align_verse_by_verse(slots):
     pairs = aligned_verses(build_ztext(slots["sparv"]), build_ztext(slots["kjv"]))
     assert pairs[0].src.startswith("EN el principio crió Dios los cielos y la tierra")
     assert pairs[0].tgt == "In the beginning God created the heaven and the earth."
+    assert len(pairs) == 8 and pairs[0].refs == ()  # one English module: no second reference
+
+
+def test_bibles_align_with_two_english_references(slots):
+    pairs = aligned_verses(build_ztext(slots["sparv"]), build_ztext(slots["kjv"]), build_ztext(slots["web"]))
     assert len(pairs) == 8
+    first = pairs[0]
+    assert first.refs == ("In the beginning God created the heaven and the earth.",
+                          "In the beginning, God created the heavens and the earth.")
+    assert all(p.tgt == p.refs[0] and len(p.refs) == 2 and p.refs[1] and p.refs[0] != p.refs[1] for p in pairs)
+    assert [p.unit for p in pairs] == [f"ot.{i}" for i in range(4, 12)] and {p.book for p in pairs} == {"Gen"}
+
+
+def _book_slots(books: dict[str, int], language: str) -> list[str]:
+    """Slots of a module holding ``books`` (OSIS id -> verses), one chapter each."""
+    slots = ["", '<milestone type="x-importer"/>']
+    for n, (book, verses) in enumerate(books.items()):
+        slots.append(f'<div canonical="true" osisID="{book}" sID="b{n}" type="book"/>')
+        slots.append(f'<chapter n="1" osisID="{book}.1" sID="{book}.1"/>')
+        slots += [f"{language} {book} verse {v}." for v in range(1, verses + 1)]
+    return slots
+
+
+def test_split_by_verse_and_held_out_book():
+    """Bible pairs split by verse id (no verse in two splits), a held-out book only in
+    test-book, every pair with both references."""
+    books = {"Gen": 120, "Acts": 30, "Rom": 150}
+    pairs = aligned_verses(*(build_ztext(_book_slots(books, lang)) for lang in ("es", "kjv", "web")))
+    assert len(pairs) == 300 and {p.book for p in pairs} == set(books)
+    splits = parallel_module.split_pairs(pairs, held_out_books=("Acts",))
+    assert [p.book for p in splits["test-book"]] == ["Acts"] * 30
+    units = [[p.unit for p in split] for split in splits.values()]
+    assert sum(map(len, units)) == len({u for split in units for u in split}) == 300  # disjoint, complete
+    assert not any(p.book == "Acts" for name in ("train", "validation", "test") for p in splits[name])
+    assert splits["train"] and all(len(p.refs) == 2 for split in splits.values() for p in split)
+    # The split of a verse follows its id, not its text: the same verse lands alike in another run.
+    again = parallel_module.split_pairs(list(reversed(pairs)), held_out_books=("Acts",))
+    assert {n: sorted(p.unit for p in v) for n, v in again.items()} == {n: sorted(u) for n, u in zip(splits, units)}
 
 
 # --- trans-de-en ---------------------------------------------------------------------
@@ -429,19 +466,27 @@ def test_prepare_parallel_writes_jsonl(tmp_path, monkeypatch, slots):
             "es-en",
             "public domain",
             "sample",
-            ("sword-text-sparv", "sword-text-kjv"),
-            lambda artifacts, work: aligned_verses(build_ztext(slots["sparv"]), build_ztext(slots["kjv"])),
+            ("sword-text-sparv", "sword-text-kjv", "sword-text-web"),
+            lambda artifacts, work: aligned_verses(*(build_ztext(slots[m]) for m in ("sparv", "kjv", "web"))),
         ),
     )
     monkeypatch.setattr(parallel_module, "PARALLEL_SOURCES", fake)
     monkeypatch.setattr(fetch, "debian_package", fake_package)
-    manifest = prepare_parallel(tmp_path / "out", progress=False)
+    manifest = prepare_parallel(tmp_path / "out", progress=False, held_out_books=("Gen",))
     lines = [
         json.loads(line)
-        for name in ("train", "validation", "test")
+        for name in ("train", "validation", "test", "test-book")
         for line in (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()
     ]
-    assert all(list(line) == ["src", "tgt"] for line in lines)
+    bible = [line for line in lines if "verse" in line]
+    assert all(list(line) == ["src", "tgt"] for line in lines if "verse" not in line)  # the dictionary's
+    assert len(bible) == 8 and all(list(line) == ["src", "tgt", "refs", "verse", "book"] for line in bible)
+    book_split = [json.loads(x) for x in (tmp_path / "out" / "test-book.jsonl").read_text().splitlines()]
+    assert book_split == bible  # Genesis held out: all its verses, only there
+    entry = manifest["splits"]["test-book"]
+    assert entry["pairs"] == entry["with_two_references"] == 8 and manifest["held_out_books"] == ["Gen"]
+    assert entry["words"] == {"src": sum(len(x["src"].split()) for x in bible),
+                              "tgt": sum(len(x["tgt"].split()) for x in bible)}
     assert len(lines) == manifest["total_pairs"] == sum(s["pairs"] for s in manifest["sources"])
     assert {"Ärzte sind nicht unfehlbar.", "EN el principio crió Dios los cielos y la tierra."} <= {
         x["src"] for x in lines

@@ -381,8 +381,31 @@ def test_eval_translation_reports_bleu_and_chrf(trained, corpus, tmp_path):
     assert len(result.hypotheses) == 2
     from speedec.encdec.evaluate import corpus_scores
 
-    perfect = corpus_scores([p.tgt for p in pairs], [p.tgt for p in pairs])
+    perfect = corpus_scores([p.tgt for p in pairs], [[p.tgt for p in pairs]])
     assert perfect["bleu"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
+
+
+def test_two_references_score_against_both(tmp_path):
+    """Bible pairs carry two references (KJV, WEB): a translation that is one of them
+    scores 100 against both, less against the target alone; a corpus mixing one- and
+    two-reference pairs is scored against the targets."""
+    from speedec.data.parallel import Pair
+    from speedec.encdec.evaluate import corpus_scores, reference_streams
+
+    kjv = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light."]
+    web = ["In the beginning, God created the heavens and the earth.", "God said, \u201cLet there be light,\u201d"]
+    pairs = [Pair(f"es {i}", k, (k, w)) for i, (k, w) in enumerate(zip(kjv, web))]
+    assert reference_streams(pairs) == [kjv, web]
+    both = corpus_scores(web, reference_streams(pairs))
+    alone = corpus_scores(web, [kjv])
+    assert both["bleu"] == pytest.approx(100.0) and both["references"] == 2 and alone["bleu"] < 60
+    assert reference_streams([*pairs, Pair("de", "Hello.")]) == [[*kjv, "Hello."]]
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps({"src": "es 0", "tgt": kjv[0], "refs": [kjv[0], web[0]], "verse": "ot.4"}) + "\n")
+    assert read_pairs(path) == [pairs[0]]
+    path.write_text(json.dumps({"src": "a", "tgt": "b", "refs": "b"}) + "\n")
+    with pytest.raises(DataError, match="refs"):
+        read_pairs(path)
 
 
 def test_translate_api_errors(trained, tmp_path):

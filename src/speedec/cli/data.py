@@ -36,13 +36,16 @@ def prepare(out, work_dir, quiet) -> None:
 @_work_dir
 @click.option("--pairs", default="de-en,es-en", show_default=True,
               help="Language pairs, comma-separated (de-en, es-en).")
+@click.option("--held-out-books", default="Acts", show_default=True,
+              help="Bible books (OSIS ids, comma-separated) whose verses form test-book.jsonl and no other split.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def prepare_parallel(out, work_dir, pairs, quiet) -> None:
-    """Parallel corpus (German/Spanish to English): JSONL splits and a manifest."""
+def prepare_parallel(out, work_dir, pairs, held_out_books, quiet) -> None:
+    """Parallel corpus (German/Spanish to English): JSONL splits (train, validation, test,
+    and test-book: the held-out books) and a manifest."""
     from ..data import prepare_parallel as prepare
 
     manifest = prepare(out, work_dir=Path(work_dir) if work_dir else None, progress=not quiet,
-                       pairs=tuple(split_list(pairs)))
+                       pairs=tuple(split_list(pairs)), held_out_books=tuple(split_list(held_out_books)))
     _print_manifest(out, manifest)
 
 

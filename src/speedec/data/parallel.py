@@ -4,15 +4,23 @@ Two sources, both downloaded with apt-get:
 
 * ``de-en``: the example sentences of the Ding dictionary (trans-de-en);
 * ``es-en``: the Reina-Valera 1909 Bible (sword-text-sparv) aligned verse
-  by verse with the King James Version (sword-text-kjv); both modules use
-  the KJV versification, so equal verse slots hold the same verse.
+  by verse with both English Bibles of the registry, the King James Version
+  (sword-text-kjv) and the World English Bible (sword-text-web); the three
+  modules use the KJV versification, so equal verse slots hold the same
+  verse. A verse is kept when all three have it; its target is the KJV's
+  and ``refs`` holds both translations (KJV, WEB), for evaluation against
+  two references.
 
 Output, in the chosen directory: ``train.jsonl``, ``validation.jsonl`` and
 ``test.jsonl``, one ``{"src": ..., "tgt": ...}`` object a line (source
-language first, English as target), and ``manifest.json``. Pairs are
+language first, English as target; a Bible pair also has ``refs``, its
+``verse`` id and its ``book``), ``test-book.jsonl`` (every verse of the
+held-out books, which no other split has a verse of: a harder test), and
+``manifest.json`` (pairs, bytes and words of each split). Pairs are
 deduplicated on their source sentence (the first translation wins, so the
-same input never has two targets) and split by a hash of the source
-sentence, so a sentence cannot appear in two splits.
+same input never has two targets) and split by a hash of their unit: the
+verse id for a Bible pair, else the source sentence, so a verse or a
+sentence cannot appear in two splits.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from speedec.data.output import atomic_write_text, prepare_out_dir, write_manife
 from speedec.data.progress import stage
 from speedec.data.sources import decode_text, sword_module_files, sword_slots
 from speedec.data.split import SPLITS, split_of
-from speedec.data.sword import verse_texts
+from speedec.data.sword import verse_books, verse_texts
 from speedec.errors import DataError
 
 PARALLEL_FORMAT = "speedec-parallel-corpus/1"
@@ -43,6 +51,12 @@ class Pair:
 
     src: str  # sentence in the source language
     tgt: str  # its English translation
+    # Every English reference (the first is tgt), when there are several.
+    refs: tuple[str, ...] = ()
+    # What the split hashes (a Bible verse's id, "ot.1037"; "" for the source sentence)
+    # and the document it belongs to (a Bible book's OSIS id, "Acts").
+    unit: str = ""
+    book: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,18 +75,22 @@ def dictionary_pairs(text: str) -> list[Pair]:
     return [Pair(de, en) for de, en in parse_dictionary(text)]
 
 
-def aligned_verses(source_files: dict[str, bytes], english_files: dict[str, bytes]) -> list[Pair]:
-    """Verse pairs of two zText modules that share a versification, in canonical order.
+def aligned_verses(source_files: dict[str, bytes], *english_files: dict[str, bytes]) -> list[Pair]:
+    """Verse pairs of zText modules that share a versification, in canonical order: the
+    source module's verse, the first English module's as the target, and every English
+    module's as ``refs`` (with two or more), each with its verse id and book.
 
-    A slot that is empty in either module (a verse one translation omits)
-    gives no pair.
+    A slot that is empty in any module (a verse one translation omits) gives no pair.
     """
-    source = verse_texts(sword_slots(source_files, "source module"))
-    english = verse_texts(sword_slots(english_files, "English module"))
+    slots = sword_slots(source_files, "source module")
+    source, books = verse_texts(slots), verse_books(slots)
+    english = [verse_texts(sword_slots(files, "English module")) for files in english_files]
     pairs = []
     for key, text in source.items():
-        if key in english:
-            pairs.append(Pair(normalize_text(text), normalize_text(english[key])))
+        if all(key in module for module in english):
+            refs = tuple(normalize_text(module[key]) for module in english)
+            pairs.append(Pair(normalize_text(text), refs[0], refs if len(refs) > 1 else (),
+                              unit=f"{key[0]}.{key[1]}", book=books.get(key, "")))
     return pairs
 
 
@@ -86,13 +104,13 @@ def _read_ding(artifacts: list[Artifact], work_dir: Path) -> list[Pair]:
 
 
 def _read_bibles(artifacts: list[Artifact], work_dir: Path) -> list[Pair]:
-    spanish, english = artifacts
+    spanish, *english = artifacts
     pairs = aligned_verses(
         sword_module_files(fetch.extract_deb(spanish, work_dir), spanish.package),
-        sword_module_files(fetch.extract_deb(english, work_dir), english.package),
+        *(sword_module_files(fetch.extract_deb(e, work_dir), e.package) for e in english),
     )
     if not pairs:
-        raise DataError(f"{spanish.package} and {english.package} share no verses")
+        raise DataError(f"{spanish.package} and {', '.join(e.package for e in english)} share no verses")
     return pairs
 
 
@@ -107,8 +125,9 @@ PARALLEL_SOURCES: tuple[ParallelSource, ...] = (
     ParallelSource(
         name="es-en",
         licence="public domain",
-        description="Reina-Valera 1909 (Spanish) aligned verse by verse with the King James Version",
-        packages=("sword-text-sparv", "sword-text-kjv"),
+        description="Reina-Valera 1909 (Spanish) aligned verse by verse with the King James Version "
+                    "(the target) and the World English Bible (a second reference)",
+        packages=("sword-text-sparv", "sword-text-kjv", "sword-text-web"),
         read=_read_bibles,
     ),
 )
@@ -127,17 +146,41 @@ def dedup_pairs(pairs: Sequence[Pair]) -> list[Pair]:
     return kept
 
 
+# The split of the held-out books' verses (``test-book.jsonl``).
+BOOK_SPLIT = "test-book"
+# The book no other split has a verse of, by default: Acts (1,007 verses of narrative).
+HELD_OUT_BOOKS = ("Acts",)
+
+
+def _record(pair: Pair) -> dict:
+    record = {"src": pair.src, "tgt": pair.tgt}
+    if pair.refs:
+        record["refs"] = list(pair.refs)
+    if pair.unit:
+        record["verse"] = pair.unit
+    if pair.book:
+        record["book"] = pair.book
+    return record
+
+
 def jsonl(pairs: Sequence[Pair]) -> str:
-    """Pairs as JSON lines with a fixed key order (src, tgt)."""
-    return "".join(json.dumps({"src": p.src, "tgt": p.tgt}, ensure_ascii=False) + "\n" for p in pairs)
+    """Pairs as JSON lines with a fixed key order (src, tgt, then refs, verse, book when set)."""
+    return "".join(json.dumps(_record(p), ensure_ascii=False) + "\n" for p in pairs)
 
 
-def split_pairs(pairs: Sequence[Pair]) -> dict[str, list[Pair]]:
-    """Assign each pair to a split by a hash of its source sentence."""
-    splits: dict[str, list[Pair]] = {name: [] for name in SPLITS}
+def split_pairs(pairs: Sequence[Pair], held_out_books: Sequence[str] = ()) -> dict[str, list[Pair]]:
+    """Assign each pair to a split: the held-out books' verses to ``test-book``, every
+    other pair by a hash of its unit (its verse id, else its source sentence)."""
+    splits: dict[str, list[Pair]] = {name: [] for name in (*SPLITS, BOOK_SPLIT)}
+    held_out = set(held_out_books)
     for pair in pairs:
-        splits[split_of(pair.src)].append(pair)
+        splits[BOOK_SPLIT if pair.book in held_out else split_of(pair.unit or pair.src)].append(pair)
     return splits
+
+
+def words(pairs: Sequence[Pair]) -> dict[str, int]:
+    """Whitespace-separated words of the source sides and of the targets."""
+    return {"src": sum(len(p.src.split()) for p in pairs), "tgt": sum(len(p.tgt.split()) for p in pairs)}
 
 
 def prepare_parallel(
@@ -146,12 +189,15 @@ def prepare_parallel(
     work_dir: Path | None = None,
     progress: bool = True,
     pairs: Sequence[str] = ("de-en", "es-en"),
+    held_out_books: Sequence[str] = HELD_OUT_BOOKS,
 ) -> dict:
     """Build the parallel corpus in `out_dir` and return its manifest.
 
     `pairs` chooses the sources ("de-en", "es-en"); all chosen ones go into
-    the same files. Packages are downloaded into `work_dir` (default
-    ``out_dir/downloads``) with apt-get and reused when already there.
+    the same files. `held_out_books`: OSIS ids of the Bible books whose verses
+    form ``test-book.jsonl`` and no other split. Packages are downloaded into
+    `work_dir` (default ``out_dir/downloads``) with apt-get and reused when
+    already there.
     """
     by_name = {source.name: source for source in PARALLEL_SOURCES}
     unknown = [name for name in pairs if name not in by_name]
@@ -175,19 +221,23 @@ def prepare_parallel(
         kept_by_source[source.name] = (len(raw), len(kept), sum(len(jsonl([p]).encode()) for p in kept))
         all_pairs.extend(kept)
 
-    splits = split_pairs(all_pairs)
+    splits = split_pairs(all_pairs, held_out_books)
     split_entries = {}
-    for name in stage(SPLITS, "write", enabled=progress, unit="file"):
+    for name in stage([*SPLITS, BOOK_SPLIT], "write", enabled=progress, unit="file"):
         text = jsonl(splits[name])
         split_entries[name] = {
             "file": f"{name}.jsonl",
             "pairs": len(splits[name]),
+            "with_two_references": sum(len(p.refs) > 1 for p in splits[name]),
+            "words": words(splits[name]),
             "bytes": len(text.encode("utf-8")),
             "sha256": atomic_write_text(out / f"{name}.jsonl", text),
         }
     manifest = {
         "format": PARALLEL_FORMAT,
-        "fields": {"src": "source-language sentence", "tgt": "English translation"},
+        "fields": {"src": "source-language sentence", "tgt": "English translation",
+                   "refs": "every English reference, tgt first (Bible pairs)",
+                   "verse": "the verse id the split hashes (Bible pairs)", "book": "its book's OSIS id"},
         "sources": [
             {
                 "name": source.name,
@@ -210,6 +260,7 @@ def prepare_parallel(
             for source in chosen
         ],
         "splits": split_entries,
+        "held_out_books": list(held_out_books),
         "total_pairs": len(all_pairs),
     }
     write_manifest(out, manifest)

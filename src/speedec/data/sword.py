@@ -188,6 +188,18 @@ def iter_books(slots: list[Slot]) -> Iterator[Book]:
         yield Book(osis_id, [c for c in chapters if c])
 
 
+def verse_books(slots: list[Slot]) -> dict[tuple[str, int], str]:
+    """The OSIS id of the book every slot after a book's start belongs to, keyed as
+    :func:`verse_texts` keys verses (``""`` before the first book of a testament)."""
+    books, osis_id = {}, ""
+    for slot in slots:
+        if slot.starts_book:
+            match = _BOOK_ID.search(slot.markup)
+            osis_id = match.group(1) if match else ""
+        books[(slot.testament, slot.index)] = osis_id
+    return books
+
+
 def verse_texts(slots: list[Slot]) -> dict[tuple[str, int], str]:
     """Text of every non-empty verse slot (headings excluded), keyed by (testament, index).
 

@@ -88,7 +88,10 @@ def read_pairs(path: str | Path) -> list[Pair]:
         if (not isinstance(record, dict) or not isinstance(record.get("src"), str)
                 or not isinstance(record.get("tgt"), str)):
             raise DataError(f"{path}:{lineno}: expected an object with string fields \"src\" and \"tgt\"")
-        pairs.append(Pair(record["src"], record["tgt"]))
+        refs = record.get("refs", [])
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise DataError(f"{path}:{lineno}: \"refs\" must be a list of strings (the English references)")
+        pairs.append(Pair(record["src"], record["tgt"], tuple(refs)))
     return pairs
 
 

@@ -57,15 +57,27 @@ class TranslationEval:
     hypotheses: list[str]
 
 
-def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
-    """Corpus BLEU and chrF (sacrebleu defaults) and their signatures."""
+def reference_streams(pairs: Sequence[Pair]) -> list[list[str]]:
+    """sacrebleu's reference streams for ``pairs``: every pair's ``refs`` when all of them
+    have the same number of references (two or more: the Bible pairs' KJV and WEB), else
+    the targets alone."""
+    counts = {len(p.refs) for p in pairs}
+    if len(counts) == 1 and (n := counts.pop()) > 1:
+        return [[p.refs[i] for p in pairs] for i in range(n)]
+    return [[p.tgt for p in pairs]]
+
+
+def corpus_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    """Corpus BLEU and chrF (sacrebleu defaults) against one or more reference streams
+    (each one reference per hypothesis), and their signatures."""
     try:
         from sacrebleu.metrics import BLEU, CHRF
     except ImportError:
         raise SpeedecError("BLEU and chrF need sacrebleu: pip install 'sacrebleu>=2.3'") from None
     bleu, chrf = BLEU(), CHRF()
-    return {"bleu": bleu.corpus_score(list(hypotheses), [list(references)]).score,
-            "chrf": chrf.corpus_score(list(hypotheses), [list(references)]).score,
+    streams = [list(stream) for stream in references]
+    return {"bleu": bleu.corpus_score(list(hypotheses), streams).score,
+            "chrf": chrf.corpus_score(list(hypotheses), streams).score, "references": len(streams),
             "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
 
 
@@ -121,7 +133,7 @@ def evaluate_translation(model: EncDecLM, tokenizer: BPETokenizer, pairs: Sequen
     steps_per_token = steps / after_first if after_first else None
     report = {
         "sentences": len(pairs), "engine": engine, "n_loops": c.n_loops, "exit_loop": c.exit_loop,
-        **corpus_scores(hypotheses, [p.tgt for p in pairs]),
+        **corpus_scores(hypotheses, reference_streams(pairs)),
         # Engine wall time per sentence (encoder, prefill and decoding), and per generated token.
         "ms_per_sentence": 1000 * wall_s / len(pairs),
         "ms_per_token": 1000 * wall_s / new_tokens if new_tokens else None,
