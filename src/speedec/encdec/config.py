@@ -48,6 +48,14 @@ class EncDecConfig(JsonConfig):
     # Decoder start token, and the padding id of training batches.
     bos_token_id: int = 1
     pad_token_id: int = 0
+    # The decoder-side recipe knobs of speedec's looped decoders (ModelConfig's): a learned
+    # vector per decoder loop added as the loop begins, and the rank of the exit readout
+    # (the drafter: parameters read only at the early exit, trained with the trunk's and
+    # the head's gradient cut).
+    loop_embedding: bool = False
+    exit_readout_rank: int | None = None
+
+    OMIT_AT_DEFAULT = ("loop_embedding", "exit_readout_rank")
 
     def __post_init__(self) -> None:
         for name in ("n_encoder_layers", "n_encoder_loops", "max_source_len", "max_target_len",
@@ -72,7 +80,8 @@ class EncDecConfig(JsonConfig):
             vocab_size=self.vocab_size, d_model=self.d_model, n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads, ffn_dim=self.ffn_dim, n_unique_layers=self.n_unique_layers,
             n_loops=self.n_loops, exit_loop=self.exit_loop, max_seq_len=self.max_target_len,
-            rope_theta=self.rope_theta, norm_eps=self.norm_eps, tie_embeddings=self.tie_embeddings)
+            rope_theta=self.rope_theta, norm_eps=self.norm_eps, tie_embeddings=self.tie_embeddings,
+            loop_embedding=self.loop_embedding, exit_readout_rank=self.exit_readout_rank)
 
     @property
     def head_dim(self) -> int:

@@ -165,6 +165,9 @@ class EncDecOutput:
     # Loop count -> [B, T, V] early-exit logits after that many decoder loops,
     # for the loops requested.
     loop_logits: dict[int, torch.Tensor]
+    # [B, T, V] the exit readout's (drafter's) logits when requested and the model has
+    # one, from the detached exit-loop state and head: its loss trains the readout alone.
+    draft_logits: torch.Tensor | None = None
 
 
 class EncDecLM(LoopedModelBase):
@@ -181,7 +184,7 @@ class EncDecLM(LoopedModelBase):
         self.decoder_layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_unique_layers))
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = None if c.tie_embeddings else nn.Parameter(torch.empty(c.vocab_size, c.d_model))
-        self.init_loop_parameters(c)  # none today: the translators have no per-loop parameters
+        self.init_loop_parameters(c)  # the decoder's loop embedding and exit readout, when configured
         self.register_buffer("encoder_rope", rope_table(c.max_source_len, c.head_dim, c.rope_theta),
                              persistent=False)
         self.register_buffer("decoder_rope", rope_table(c.max_target_len, c.head_dim, c.rope_theta),
@@ -211,7 +214,11 @@ class EncDecLM(LoopedModelBase):
                     w.normal_(0.0, std, generator=generator)
                 for w in (layer.wo, layer.wo_cross, layer.w_down):
                     w.normal_(0.0, dec_scale, generator=generator)
+            if self.loop_embedding is not None:
+                self.loop_embedding.normal_(0.0, std, generator=generator)
         self.reset_norms()
+        if self.exit_readout is not None:
+            self.exit_readout.reset_parameters(self.norm, std=std, generator=generator)
 
     def save_pretrained(self, directory) -> None:
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
@@ -256,14 +263,16 @@ class EncDecLM(LoopedModelBase):
 
     # --------------------------------------------------------------- training
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None, tgt_in: torch.Tensor, *,
-                output_loops: tuple[int, ...] = ()) -> EncDecOutput:
+                output_loops: tuple[int, ...] = (), output_draft: bool = False) -> EncDecOutput:
         """Teacher-forced decoding of ``tgt_in [B, T]`` (start token first, padding
         at the end) against ``src [B, S]``; causal, no cache.
 
         Target padding needs no mask: it sits after the real tokens, which
         causal attention never lets read it; leave it out of the loss.
         ``output_loops``: decoder loop counts (1..L-1) after which to also read
-        out logits (the early exits of the training loss).
+        out logits (the early exits of the training loss). ``output_draft``: also
+        the exit readout's logits (models with one), from the exit loop's state and
+        the head with gradients cut.
         """
         c = self.config
         B, T = tgt_in.shape
@@ -287,13 +296,18 @@ class EncDecLM(LoopedModelBase):
 
         x = self.embed(tgt_in)  # [B, T, D]
         loop_logits = {}
+        draft_logits = None
         for loop in range(c.n_loops):
+            x = self.begin_loop(x, loop)
             for k_unique, layer in enumerate(self.decoder_layers):
                 x = layer(x, cos, sin, self_attend, partial(memory.attend, k_unique))
             x = self.end_of_loop(x)
             if loop + 1 in output_loops:
                 loop_logits[loop + 1] = self.head(x)
-        return EncDecOutput(logits=self.head(x), loop_logits=loop_logits)
+            if output_draft and self.exit_readout is not None and loop + 1 == c.exit_loop:
+                # The trunk and the head get no gradient from the drafter's loss.
+                draft_logits = linear(self.exit_readout(x.detach()), self.head_weight.detach(), self.kernel)
+        return EncDecOutput(logits=self.head(x), loop_logits=loop_logits, draft_logits=draft_logits)
 
     # ---------------------------------------------------------------- engines
     def decoder_layout(self, positions: Sequence[Sequence[int]], loops: Sequence[int]) -> StepLayout:
@@ -318,7 +332,15 @@ class EncDecLM(LoopedModelBase):
         of ``x`` are spare rows.
         """
         cos, sin = step_rope(layout, spares)
+        loops = None
+        if self.loop_embedding is not None:  # each row's loop, as LoopedLM.run_loops builds it
+            loops = torch.tensor(layout.loops, device=x.device).repeat_interleave(layout.rows)
+            loops = loops.view(layout.groups, layout.rows)
+            if spares is not None:
+                loops = torch.cat((loops, spares.loops[:, None]))
         for shift in range(n_loops):
+            if loops is not None:
+                x = self.begin_loop(x, loops + shift)
             self_attention = step_attention(cache, layout, shift, spares)
             for k_unique, layer in enumerate(self.decoder_layers):
                 x = layer(x, cos, sin, partial(self_attention, k_unique),

@@ -128,7 +128,8 @@ def train_step(run: TranslationRun, step: int) -> tuple[torch.Tensor, torch.Tens
     weights = run.losses.at(step, run.model.config.n_loops)
     with autocast(run.dist.device):
         out = run.model(batch.src, batch.src_mask, batch.tgt_in,
-                        output_loops=loss_loops(run.model.config, weights))
+                        output_loops=loss_loops(run.model.config, weights),
+                        output_draft=weights.draft_weight > 0)
         loss = looped_loss(out, batch.targets, run.model.config, weights)
     loss.total.backward()
     return loop.loss_parts(loss), loop.apply_update(run), batch.tokens
