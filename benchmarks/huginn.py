@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import random
 import statistics
 import subprocess
@@ -28,17 +27,11 @@ from pathlib import Path
 import torch
 
 from speedec import generate
+from speedec.bench.runner import machine_info
 from speedec.bench.setup import build_model
 from speedec.cache import KVCache
 from speedec.engines.speed import measure_step_costs
 from speedec.kernels import prepare_kernel
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def run_row(model, prompts, new_tokens, engine, options):
@@ -80,7 +73,9 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(base.config.vocab_size) for _ in range(args.prompt_len)] for _ in range(args.prompts)]
     weights = sum(t.nbytes for t in base.state_dict().values())
-    result = {"preset": args.preset, "dtype": args.dtype, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+    machine = machine_info()
+    result = {"preset": args.preset, "dtype": args.dtype, "cpu": machine["cpu"], "cpu_flags": machine["cpu_flags"],
+              "kernel": machine["kernel"], "q8_kernel": machine["q8_kernel"], "threads": torch.get_num_threads(),
               "date": datetime.date.today().isoformat(),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                        text=True).stdout.strip(),
@@ -161,7 +156,8 @@ def main() -> None:
 
     path(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# {args.preset} ({args.dtype}): recurrent-depth decoding", "",
-             f"{result['cpu']}, {result['threads']} threads, {result['date']}, commit {result['commit']}; "
+             f"{result['cpu']} ({', '.join(result['cpu_flags'])}; kernel {result['kernel']}, q8_0 "
+             f"{result['q8_kernel']}), {result['threads']} threads, {result['date']}, commit {result['commit']}; "
              f"{args.prompts} random prompts of {args.prompt_len} ids x {args.new_tokens} greedy tokens, "
              f"{args.rounds} round(s), ratios paired per round (median). Weights {weights / 1e9:.2f} GB. "
              f"Residual scale: {args.residual_scale or 'the preset default'}.", ""]

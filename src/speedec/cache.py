@@ -38,9 +38,10 @@ class KVCache:
         shape = (config.n_unique_layers if layers is None else layers,
                  config.n_loops if loops is None else loops, config.n_kv_heads, max_len, config.head_dim)
         self.max_len = max_len
-        # The depth and early exit of the model (view) the cache was made for: a recurrent-depth
-        # model reads them to know which rows finish in a step shared by requests of several depths.
-        self.loops, self.exit_loop = shape[1], config.exit_loop
+        # The early exit of the model (view) the cache was made for (its depth is :attr:`loops`):
+        # a recurrent-depth model reads both to know which rows finish in a step shared by
+        # requests of several depths.
+        self.exit_loop = config.exit_loop
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.prelude = self.coda = self.coda_ready = None
@@ -48,6 +49,11 @@ class KVCache:
             self.prelude = KVCache(config, max_len, dtype=dtype, device=device, layers=config.prelude_layers, loops=1)
             self.coda = KVCache(config, max_len, dtype=dtype, device=device, layers=config.coda_layers, loops=1)
             self.coda_ready = torch.zeros(max_len, dtype=torch.bool, device=device)
+
+    @property
+    def loops(self) -> int:
+        """The loops (virtual layers per unique layer) the cache holds: its model's depth."""
+        return self.keys.shape[1]
 
     @property
     def nbytes(self) -> int:

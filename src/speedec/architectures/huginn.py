@@ -29,7 +29,7 @@ from ..conversion import Conversion
 from ..errors import ConfigError, ModelLoadError
 from ..model.layer import LoopedLayer
 from ..model.norms import RMSNorm
-from ..model.recurrent import RecurrentDepthLM
+from ..model.recurrent import RecurrentDepthLM, default_exit_loop
 from ..model.rotary import float32_rope_table
 from .base import Architecture, hf_field
 
@@ -41,11 +41,6 @@ MODEL_TYPE = "huginn_raven"
 REQUIRED = {"injection_type": ("linear",), "nonlin_name": ("SiLU",), "mlp_class_name": ("GatedMLP",),
             "block_class_name": ("SandwichBlock",), "norm_class_name": ("RMSNorm_llama",),
             "architecture_class_name": ("RecurrentGPT",), "bias": (False,), "test_time_noise": (0, 0.0)}
-
-
-def default_exit_loop(loops: int) -> int | None:
-    """The recurrence SPEED drafts from unless told otherwise: a quarter of the depth."""
-    return max(1, loops // 4) if loops > 1 else None
 
 
 class HuginnBlock(LoopedLayer):
@@ -103,23 +98,17 @@ class HuginnConversion(Conversion):
         return {"prelude": config.prelude_layers, "layers": config.n_unique_layers, "coda": config.coda_layers}
 
     @classmethod
-    def _to_theirs(cls, ours: str, tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-        hd, order = config.head_dim, torch.argsort(_halves(config.head_dim))
+    def _reorder(cls, ours: str, tensor: torch.Tensor, config: ModelConfig, *, to_ours: bool) -> torch.Tensor:
+        """``wqkv``'s query and key rows and ``qk_bias`` from the reference's rotary layout
+        (pairs) to ours (halves), or back; any other tensor as it is."""
+        hd = config.head_dim
+        order = _halves(hd) if to_ours else torch.argsort(_halves(hd))
         if ours == "wqkv":
             n = (config.n_heads + config.n_kv_heads) * hd
             return torch.cat((_permute_heads(tensor[:n], hd, order), tensor[n:]))
         if ours == "qk_bias":
-            return _permute_heads(tensor, hd, order).reshape(2, 1, config.n_heads, hd)
-        return tensor
-
-    @classmethod
-    def _to_ours(cls, ours: str, tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-        hd, order = config.head_dim, _halves(config.head_dim)
-        if ours == "wqkv":
-            n = (config.n_heads + config.n_kv_heads) * hd
-            return torch.cat((_permute_heads(tensor[:n], hd, order), tensor[n:]))
-        if ours == "qk_bias":
-            return _permute_heads(tensor.reshape(-1), hd, order)
+            flat = _permute_heads(tensor.reshape(-1), hd, order)
+            return flat if to_ours else flat.reshape(2, 1, config.n_heads, hd)
         return tensor
 
     @classmethod
@@ -132,7 +121,7 @@ class HuginnConversion(Conversion):
                 for ours, theirs in cls.layer.items():
                     name = f"{group}.{i}.{ours}"
                     if name in state:
-                        out[f"{prefix}.{i}.{theirs}"] = cls._to_theirs(ours, state[name], config)
+                        out[f"{prefix}.{i}.{theirs}"] = cls._reorder(ours, state[name], config, to_ours=False)
                         placed.add(name)
         unplaced = [n for n in state if n not in placed]
         if unplaced:
@@ -151,7 +140,7 @@ class HuginnConversion(Conversion):
                         continue
                     if name not in tensors:
                         raise ModelLoadError(f"the {cls.name} checkpoint lacks {name}")
-                    out[f"{group}.{i}.{ours}"] = cls._to_ours(ours, tensors[name], config)
+                    out[f"{group}.{i}.{ours}"] = cls._reorder(ours, tensors[name], config, to_ours=True)
                     used.add(name)
         unused = sorted(n for n in set(tensors) - used if not n.endswith(cls.not_imported_suffixes))
         if unused:

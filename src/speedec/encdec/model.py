@@ -46,8 +46,10 @@ from ..model import (
     RMSNorm,
     SpareRows,
     StepLayout,
+    causal_attention,
     linear,
     rope_table,
+    row_loops,
     step_attention,
     step_layout,
     step_rope,
@@ -284,16 +286,7 @@ class EncDecLM(LoopedModelBase):
         memory = self.encode(src, src_mask)
         rope = self.decoder_rope[:T].to(self.dtype)
         cos, sin = rope[None, :, 0, None, :], rope[None, :, 1, None, :]  # [1, T, 1, hd]
-        rep = c.n_heads // c.n_kv_heads
-
-        def self_attend(q, k, v):
-            # [B, T, heads, hd] -> [B, heads, T, hd]; kv heads repeated for GQA.
-            q = q.transpose(1, 2)
-            k = k.transpose(1, 2).repeat_interleave(rep, dim=1)
-            v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return out.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
-
+        self_attend = causal_attention(B, T, c.n_heads, c.n_kv_heads, c.head_dim)
         x = self.embed(tgt_in)  # [B, T, D]
         loop_logits = {}
         draft_logits = None
@@ -332,12 +325,7 @@ class EncDecLM(LoopedModelBase):
         of ``x`` are spare rows.
         """
         cos, sin = step_rope(layout, spares)
-        loops = None
-        if self.loop_embedding is not None:  # each row's loop, as LoopedLM.run_loops builds it
-            loops = torch.tensor(layout.loops, device=x.device).repeat_interleave(layout.rows)
-            loops = loops.view(layout.groups, layout.rows)
-            if spares is not None:
-                loops = torch.cat((loops, spares.loops[:, None]))
+        loops = None if self.loop_embedding is None else row_loops(layout, spares, x.device)
         for shift in range(n_loops):
             if loops is not None:
                 x = self.begin_loop(x, loops + shift)

@@ -21,13 +21,14 @@ from .attention import (
     LayerAttention,
     SegmentAttention,
     SpareAttention,
+    causal_attention,
     split_attention,
     step_attention,
     step_rope,
 )
 from .base import LoopedModelBase
 from .layer import KernelModule, LoopedLayer, weight_factory
-from .layout import SpareRows, StepLayout, step_layout
+from .layout import SpareRows, StepLayout, row_loops, step_layout
 from .looped import LoopedLM, model_rope_table
 from .norms import RMSNorm
 from .readout import ExitReadout, LoopedOutput
@@ -36,6 +37,7 @@ from .rotary import apply_rope, float32_rope_table, rope_table
 __all__ = [
     "CachedSelfAttention", "ExitReadout", "KernelModule", "LayerAttention", "LoopedLM", "LoopedLayer",
     "LoopedModelBase", "LoopedOutput", "RMSNorm", "SegmentAttention", "SpareAttention", "SpareRows",
-    "StepLayout", "apply_rope", "float32_rope_table", "linear", "model_rope_table", "rope_table",
+    "StepLayout", "apply_rope", "causal_attention", "float32_rope_table", "linear", "model_rope_table",
+    "rope_table", "row_loops",
     "split_attention", "step_attention", "step_layout", "step_rope", "weight_factory",
 ]

@@ -130,6 +130,22 @@ class SpareAttention:
         return out.reshape(S, 1, H * hd)
 
 
+def causal_attention(B: int, T: int, heads: int, kv_heads: int, head_dim: int):
+    """Causal self-attention of whole sequences (training and evaluation, no cache):
+    ``attend(q [B, T, heads, hd], k, v [B, T, kv_heads, hd]) -> [B, T, heads * hd]``,
+    kv heads repeated for grouped-query attention."""
+    rep = heads // kv_heads
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = q.transpose(1, 2)  # [B, heads, T, hd]
+        k = k.transpose(1, 2).repeat_interleave(rep, dim=1)
+        v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(B, T, heads * head_dim)
+
+    return attend
+
+
 def split_attention(main, spare, groups: int, unique_layer: int, q: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor) -> torch.Tensor:
     """The first ``groups`` rows through the cache's attention, the rest as spares."""

@@ -98,6 +98,16 @@ class StepLayout:
         return loops.repeat_interleave(self.rows)
 
 
+def row_loops(layout: StepLayout, spares: SpareRows | None, device: torch.device) -> torch.Tensor:
+    """``[G(+S), T]``: the loop every row of a call is at when it starts (the spares'
+    after the layout's), for a per-loop parameter such as a loop embedding."""
+    loops = torch.tensor(layout.loops, device=device).repeat_interleave(layout.rows)  # [G*T]
+    loops = loops.view(layout.groups, layout.rows)  # [G, T]
+    if spares is not None:
+        loops = torch.cat((loops, spares.loops[:, None]))  # [G + S, 1]
+    return loops
+
+
 def step_layout(rope: torch.Tensor, positions, loops, *, rep: int, dtype: torch.dtype) -> StepLayout:
     """A :class:`StepLayout` over a rotary table ``rope [max_len, 2, hd]``; ``rep`` is
     the number of query heads per kv head."""

@@ -23,16 +23,15 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
 from ..config import ModelConfig
 from ..kernels import linear
-from .attention import LayerAttention, SegmentAttention, step_attention, step_rope
+from .attention import LayerAttention, SegmentAttention, causal_attention, step_attention, step_rope
 from .base import LoopedModelBase
 from .layer import weight_factory
-from .layout import SpareRows, StepLayout, step_layout
+from .layout import SpareRows, StepLayout, row_loops, step_layout
 from .norms import RMSNorm
 from .readout import LoopedOutput
 
@@ -214,17 +213,7 @@ class LoopedLM(LoopedModelBase):
             raise ValueError(f"sequence length {T} exceeds max_seq_len {c.max_seq_len}")
         rope = self.rope[:T].to(self.dtype)
         cos, sin = rope[None, :, 0, None, :], rope[None, :, 1, None, :]  # [1, T, 1, hd]
-        rep = c.n_heads // c.n_kv_heads
-
-        def attend(q, k, v):
-            # [B, T, heads, hd] -> [B, heads, T, hd]; kv heads repeated for GQA.
-            q = q.transpose(1, 2)
-            k = k.transpose(1, 2).repeat_interleave(rep, dim=1)
-            v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return out.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
-
-        return cos, sin, attend
+        return cos, sin, causal_attention(B, T, c.n_heads, c.n_kv_heads, c.head_dim)
 
     def _loops(self, tokens: torch.Tensor):
         """The state of ``tokens [B, T]`` after each loop, one loop at a time."""
@@ -254,12 +243,7 @@ class LoopedLM(LoopedModelBase):
         With ``spares`` (T = 1 only), ``x`` holds G + S rows: the last S are
         spare rows (see :class:`SpareRows`), in the same matmuls.
         """
-        loops = None
-        if self.loop_embedding is not None:
-            loops = torch.tensor(layout.loops, device=x.device).repeat_interleave(layout.rows)  # [G*T]
-            loops = loops.view(layout.groups, layout.rows)  # [G, T]
-            if spares is not None:
-                loops = torch.cat((loops, spares.loops[:, None]))  # [G + S, 1]
+        loops = None if self.loop_embedding is None else row_loops(layout, spares, x.device)
         cos = sin = None  # built only if a pass needs them (the fused path does not)
         for shift in range(n_loops):
             if loops is not None:
@@ -319,9 +303,6 @@ class LoopedLM(LoopedModelBase):
         weights would. ``n_loops == L``: the model itself. For decoding and
         evaluation; save the model, not a view. Other architectures' models override
         this where their depth means something else. ConfigError: a depth outside 1..L."""
-        import copy
-        from dataclasses import replace
-
         from ..errors import ConfigError
 
         c = self.config
@@ -331,11 +312,21 @@ class LoopedLM(LoopedModelBase):
         if n_loops == c.n_loops:
             return self
         exit_loop = None if n_loops == 1 else min(c.exit_loop, n_loops - 1)
-        view = copy.copy(self)  # shares the modules; own registries below, so the view's edits stay its own
-        for registry in ("_parameters", "_buffers", "_modules"):
-            object.__setattr__(view, registry, copy.copy(getattr(self, registry)))
-        view.config = replace(c, n_loops=n_loops, exit_loop=exit_loop,
-                              exit_readout_rank=c.exit_readout_rank if exit_loop else None)
+        view = self.view(n_loops=n_loops, exit_loop=exit_loop,
+                         exit_readout_rank=c.exit_readout_rank if exit_loop else None)
         if exit_loop is None:
             view.exit_readout = None
+        return view
+
+    def view(self, **config_changes) -> LoopedLM:
+        """A copy of this model sharing every parameter, buffer and module (no copies),
+        with its own registries (so that the view's edits stay its own) and its config
+        changed by ``config_changes`` (:meth:`at_depth`'s views)."""
+        import copy
+        from dataclasses import replace
+
+        view = copy.copy(self)
+        for registry in ("_parameters", "_buffers", "_modules"):
+            object.__setattr__(view, registry, copy.copy(getattr(self, registry)))
+        view.config = replace(self.config, **config_changes)
         return view

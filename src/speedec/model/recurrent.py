@@ -47,6 +47,12 @@ from .layout import SpareRows, StepLayout, step_layout
 from .looped import LoopedLM
 
 
+def default_exit_loop(loops: int) -> int | None:
+    """The recurrence SPEED drafts from unless told otherwise: a quarter of the depth
+    (none for a single recurrence)."""
+    return max(1, loops // 4) if loops > 1 else None
+
+
 class PeekAttention:
     """Read-only attention of single rows (``[S, 1, ...]``) at ``positions`` over one loop
     of ``store``: keys ``j < position`` with ``ready[j]``, and the row's own key."""
@@ -121,21 +127,13 @@ class RecurrentDepthLM(LoopedLM):
         """This model run for ``n_loops`` recurrences, any r >= 1 (the same weights, deeper or
         shallower): a view sharing every module (see :meth:`LoopedLM.at_depth`), whose early
         exit is the model's when it is below r, else a quarter of r. ConfigError: r < 1."""
-        import copy
-        from dataclasses import replace
-
         c = self.config
         if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
             raise ConfigError(f"loops must be an integer >= 1 (recurrences), got {n_loops!r}")
         if n_loops == c.n_loops:
             return self
-        exit_loop = c.exit_loop if c.exit_loop is not None and c.exit_loop < n_loops else (
-            max(1, n_loops // 4) if n_loops > 1 else None)
-        view = copy.copy(self)
-        for registry in ("_parameters", "_buffers", "_modules"):
-            object.__setattr__(view, registry, copy.copy(getattr(self, registry)))
-        view.config = replace(c, n_loops=n_loops, exit_loop=exit_loop)
-        return view
+        exit_loop = c.exit_loop if c.exit_loop is not None and c.exit_loop < n_loops else default_exit_loop(n_loops)
+        return self.view(n_loops=n_loops, exit_loop=exit_loop)
 
     # ------------------------------------------------------------ rows
     def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
