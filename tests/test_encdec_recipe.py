@@ -100,3 +100,27 @@ def test_train_translation_with_the_knobs(corpus, tmp_path):  # noqa: F811 (the 
     expected = translate_ids(model, src, 12, engine="autoregressive").tokens
     for engine in ("speed", "self-speculative"):
         assert translate_ids(model, src, 12, engine=engine).tokens == expected
+
+
+def test_translator_at_depth_is_its_first_loops_and_decodes_exactly():
+    """A translator's view at depth d shares every weight and computes what its own
+    forward reads out after d loops; every engine decodes the view as autoregressive does."""
+    model = knob_model(knob_config()).eval()
+    src = torch.randint(1, 40, (2, 7), generator=torch.Generator().manual_seed(2))
+    tgt = torch.randint(1, 40, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(src, None, tgt, output_loops=(1, 2, 3))
+        for depth in (1, 2, 3):
+            view = model.at_depth(depth)
+            assert view.config.n_loops == depth and view.embed is model.embed
+            assert view.config.exit_loop == (None if depth == 1 else 1)
+            assert (view.exit_readout is None) == (depth == 1)
+            assert torch.equal(view(src, None, tgt).logits, full.loop_logits[depth])
+    assert model.at_depth(4) is model and model.config.n_loops == 4
+    with pytest.raises(Exception, match="loops must be an integer from 1 to 4"):
+        model.at_depth(5)
+    view = model.at_depth(3)
+    source = src[0].tolist()
+    reference = translate_ids(view, source, 12, engine="autoregressive").tokens
+    for engine, options in (("speed", {}), ("speed", {"early_correction": True}), ("self-speculative", {})):
+        assert translate_ids(view, source, 12, engine=engine, **options).tokens == reference, engine

@@ -446,11 +446,23 @@ def test_translation_study_cli(trained, corpus, tmp_path):
     train_translation(tiny_config(corpus, shallow, model=EncDecConfig(**model), exit_weight=0.0), progress=False)
     out = tmp_path / "study.json"
     code, stdout, stderr = run_cli("study", "translation", "--models", f"{shallow / 'model'},{trained / 'model'}",
-                                   "--data", corpus, "--sentences", 2, "--repeats", 1, "--threads", 1,
-                                   "--json", out, "--plot", tmp_path / "study.png")
+                                   "--data", corpus, "--splits", "test,validation", "--sentences", 2,
+                                   "--repeats", 1, "--threads", 1, "--json", out, "--plot", tmp_path / "study.png")
     assert code == 0, stderr
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["engine"]) for r in rows] == [
         ("L=1", "autoregressive"), ("L=3", "autoregressive"), ("L=3", "speed")]
-    assert all(0 <= r["quality"]["bleu"] <= 100 and r["ms"] > 0 for r in rows)
-    assert "L=3" in stdout
+    assert all(0 <= r["quality"]["bleu"] <= 100 and 0 <= r["quality"]["bleu_validation"] <= 100
+               and r["ms"] > 0 for r in rows)
+    deep = rows[-1]
+    # BLEU after every loop, the last being the model's own; the agreement of every loop on validation.
+    assert len(deep["details"]["bleu_per_loop"]) == 3 and deep["details"]["bleu_per_loop"][-1] == deep["quality"]["bleu"]
+    assert len(deep["details"]["agreement_per_loop"]) == 3 and deep["details"]["agreement_per_loop"][-1] == 1.0
+    assert 0 <= deep["quality"]["exit_agree"] <= 1 and "exit_agree" not in rows[0]["quality"]
+    assert rows[0]["details"]["bleu_per_loop"] == [rows[0]["quality"]["bleu"]]
+    # The per-loop BLEU is that of the model's view at each depth, decoded on its own.
+    model, tokenizer = load_translator(trained / "model")
+    one = evaluate_translation(model.at_depth(1), tokenizer, read_pairs(corpus / "test.jsonl"),
+                               engine="autoregressive", warmup=0).report["bleu"]
+    assert deep["details"]["bleu_per_loop"][0] == pytest.approx(one)
+    assert "L=3" in stdout and "after decoder loops 1..3" in stdout and (tmp_path / "study.png").stat().st_size > 0

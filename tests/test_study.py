@@ -101,6 +101,10 @@ def test_pareto_front_keeps_what_nothing_beats():
 
     points = [(1.0, 60.0), (1.4, 55.0), (1.5, 58.0), (2.0, 50.0), (0.9, 70.0), (2.5, 50.0)]
     assert pareto_front(points) == [4, 0, 1, 3]
+    # Higher is better on the second coordinate (BLEU): negate it.
+    assert pareto_front([(x, -y) for x, y in points]) == [4]
+    bleu = [(1.0, 20.0), (1.4, 25.0), (1.2, 22.0), (2.0, 24.0)]
+    assert pareto_front([(x, -y) for x, y in bleu]) == [0, 2, 1]
 
 
 def test_depth_study_reports_test_perplexity_loops_and_labels(tmp_path):

@@ -26,8 +26,27 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 def bundled_model_dir() -> Path | None:
     """The model shipped inside the package, if this install has one."""
-    path = Path(__file__).parent / "assets" / "default-model"
+    return _asset("default-model")
+
+
+def bundled_translator_dir() -> Path | None:
+    """The translator (Spanish -> English) shipped inside the package, if this install has one."""
+    return _asset("default-translator")
+
+
+def _asset(name: str) -> Path | None:
+    path = Path(__file__).parent / "assets" / name
     return path if (path / "config.json").is_file() else None
+
+
+def resolve_translator_dir(model: str | Path | None) -> Path:
+    """:func:`resolve_model_dir` for translators: None is the bundled translator."""
+    if model is None:
+        bundled = bundled_translator_dir()
+        if bundled is None:
+            raise ModelLoadError("no --model given and this install has no bundled translator")
+        return bundled
+    return resolve_model_dir(model)
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:

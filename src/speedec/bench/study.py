@@ -154,9 +154,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_pareto(report: StudyReport, path: str | Path, *, quality_key: str, quality_label: str) -> Path:
-    """Quality (lower is better) against latency relative to the baseline: one point per
-    (model, engine), the Pareto frontier drawn through the points nothing beats."""
+def plot_pareto(report: StudyReport, path: str | Path, *, quality_key: str, quality_label: str,
+                higher_is_better: bool = False) -> Path:
+    """Quality against latency relative to the baseline: one point per (model, engine),
+    the Pareto frontier drawn through the points nothing beats (lower latency, and lower
+    quality value, or higher with ``higher_is_better``: BLEU)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +180,8 @@ def plot_pareto(report: StudyReport, path: str | Path, *, quality_key: str, qual
             fastest[r.model] = (x, y)
     for model, (x, y) in fastest.items():
         ax.annotate(model, (x, y), textcoords="offset points", xytext=(-4, -13), fontsize=7)
-    front = pareto_front(points)
+    sign = -1.0 if higher_is_better else 1.0
+    front = pareto_front([(x, sign * y) for x, y in points])
     ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="grey",
             linestyle="--", linewidth=1, label="Pareto frontier", zorder=2)
     ax.set_xlabel(f"latency per {report.unit}, x {report.base} (paired medians)")
@@ -250,7 +253,8 @@ def decoder_entry(label: str, model, prompts: list[list[int]], new_tokens: int, 
 
 
 def translation_entry(label: str, model, tokenizer, sources: list[list[int]], quality: dict,
-                      engines: dict[str, tuple[str, dict]] | None = None) -> StudyEntry:
+                      engines: dict[str, tuple[str, dict]] | None = None,
+                      details: dict | None = None) -> StudyEntry:
     """A translator translating ``sources`` (encoded) with the default length limit."""
     from ..encdec.translate import translate_source
 
@@ -266,7 +270,7 @@ def translation_entry(label: str, model, tokenizer, sources: list[list[int]], qu
             summed.append(result.stats)
         return total, len(sources), _pool(summed)
 
-    return StudyEntry(label, model.config.n_loops, _supported(model, engines), run, quality)
+    return StudyEntry(label, model.config.n_loops, _supported(model, engines), run, quality, details or {})
 
 
 def _pool(items: list[GenerationStats]) -> dict:

@@ -50,7 +50,8 @@ def _run(entries: list, kind: str, unit: str, repeats: int):
         return run_study(entries, kind=kind, unit=unit, repeats=repeats, progress=progress)
 
 
-def _finish(report, json_path, plot_path, quality_key, quality_label, *, pareto: bool = False) -> None:
+def _finish(report, json_path, plot_path, quality_key, quality_label, *, pareto: bool = False,
+            higher_is_better: bool = False) -> None:
     from ..bench.study import format_study, plot_pareto, plot_study
     from ..storage import atomic_write_text
 
@@ -59,9 +60,12 @@ def _finish(report, json_path, plot_path, quality_key, quality_label, *, pareto:
         atomic_write_text(Path(json_path), json.dumps(report.to_dict(), indent=2) + "\n")
         click.echo(f"wrote {json_path}", err=True)
     if plot_path:
-        plot = plot_pareto if pareto else plot_study
-        click.echo(f"wrote {plot(report, plot_path, quality_key=quality_key, quality_label=quality_label)}",
-                   err=True)
+        if pareto:
+            written = plot_pareto(report, plot_path, quality_key=quality_key, quality_label=quality_label,
+                                  higher_is_better=higher_is_better)
+        else:
+            written = plot_study(report, plot_path, quality_key=quality_key, quality_label=quality_label)
+        click.echo(f"wrote {written}", err=True)
 
 
 def _outputs(func):
@@ -128,30 +132,78 @@ def depth(models, data_file, test_file, labels, n_prompts, prompt_len, max_new_t
 @study.command("translation")
 @click.option("--models", required=True, help="Comma-separated translator directories; the first is the baseline.")
 @click.option("--data", "data_dir", required=True, help="Parallel corpus directory (speedec data prepare-parallel).")
-@click.option("--split", default="test", show_default=True)
+@click.option("--splits", default="test", show_default=True,
+              help="Comma-separated splits scored (BLEU/chrF over every pair, against both references where "
+                   "every pair has two); the first is the main score and the timed workload, e.g. test,test-book.")
+@click.option("--labels", default=None, help="Comma-separated names of the models (default: L=<loops>).")
 @click.option("--sentences", default=40, show_default=True, type=AT_LEAST_ONE,
-              help="Sentences of the split timed per repetition (BLEU uses the whole split).")
+              help="Sentences of the first split timed per repetition (BLEU uses the whole split).")
+@click.option("--per-loop/--no-per-loop", default=True, show_default=True,
+              help="Also BLEU after every decoder loop 1..L-1 on the first split (greedy through the shared "
+                   "head: the model's view at that depth).")
 @click.option("--engines", default="autoregressive,speed", show_default=True, help=ENGINES_HELP)
 @click.option("--repeats", default=3, show_default=True, type=AT_LEAST_ONE)
 @placement_options(threads_option(2))
 @_outputs
-def translation(models, data_dir, split, sentences, engines, repeats, placement: Placement, json_path,
-                plot_path) -> None:
-    """Translators: test BLEU/chrF against ms per sentence (autoregressive and speed)."""
+def translation(models, data_dir, splits, labels, sentences, per_loop, engines, repeats, placement: Placement,
+                json_path, plot_path) -> None:
+    """Translators: BLEU/chrF on each split, per-loop BLEU, exit agreement on validation, and ms per
+    sentence relative to the first model's autoregressive decoding; --plot draws the Pareto chart
+    (first split's BLEU against latency, one point per model and engine)."""
     from ..bench.study import translation_entry
     from ..encdec.data import read_pairs, split_path
-    from ..encdec.evaluate import evaluate_translation
+    from ..encdec.evaluate import evaluate_translation, split_metrics
     from ..encdec.translate import encode_source, load_translator
 
     rows = study_rows(engines)
     placement.set_threads()
-    pairs = read_pairs(split_path(data_dir, split))
+    dirs = _model_dirs(models)
+    names = split_list(labels) if labels else None
+    if names is not None and len(names) != len(dirs):
+        raise click.UsageError(f"--labels gives {len(names)} names for {len(dirs)} models")
+    split_names = split_list(splits)
+    if not split_names:
+        raise click.UsageError("--splits names no split")
+    scored = {name: read_pairs(split_path(data_dir, name)) for name in split_names}
+    validation = split_path(data_dir, "validation")
+    main, pairs = split_names[0], scored[split_names[0]]
     entries = []
-    for directory in _model_dirs(models):
+    for i, directory in enumerate(dirs):
         model, tokenizer = load_translator(directory)
-        scores = evaluate_translation(model, tokenizer, pairs, engine="autoregressive").report
         c = model.config
+        label = names[i] if names else f"L={c.n_loops}"
+
+        def bleu(view, split: str) -> dict:
+            return evaluate_translation(view, tokenizer, scored[split], engine="autoregressive", warmup=0,
+                                        progress=True).report
+
+        quality, details = {}, {"params": sum(p.numel() for p in model.parameters()), "exit_loop": c.exit_loop}
+        for split in split_names:
+            report = bleu(model, split)
+            suffix = "" if split == main else f"_{split}"
+            quality[f"bleu{suffix}"], quality[f"chrf{suffix}"] = report["bleu"], report["chrf"]
+            details[f"references{suffix}"] = report["references"]
+        details["bleu_signature"] = report["bleu_signature"]
+        if per_loop:
+            details["bleu_per_loop"] = [bleu(model.at_depth(d), main)["bleu"] for d in range(1, c.n_loops)]
+            details["bleu_per_loop"].append(quality["bleu"])
+        metrics = split_metrics(model, tokenizer, validation)
+        details["agreement_per_loop"] = metrics["agreement_per_loop"]
+        details["ppl_per_loop"] = metrics["ppl_per_loop"]
+        if c.exit_loop is not None:
+            quality["exit_agree"] = metrics.get("draft_agreement", metrics["exit_agreement"])
         sources = [encode_source(tokenizer, p.src)[: c.max_source_len] for p in pairs[:sentences]]
-        entries.append(translation_entry(f"L={c.n_loops}", model, tokenizer, sources,
-                                         {"bleu": scores["bleu"], "chrf": scores["chrf"]}, rows))
-    _finish(_run(entries, "translation", "sentence", repeats), json_path, plot_path, "bleu", "test BLEU")
+        entries.append(translation_entry(label, model, tokenizer, sources, quality, rows, details))
+    report = _run(entries, "translation", "sentence", repeats)
+    refs = {e.details.get("references", 1) for e in entries}
+    report.notes.append(f"bleu, chrf: sacrebleu corpus scores on {main} ({len(pairs)} pairs, greedy, "
+                        f"{'/'.join(map(str, sorted(refs)))} reference(s)); "
+                        + "; ".join(f"{s}: {len(scored[s])} pairs" for s in split_names[1:]))
+    report.notes.append("exit_agree: teacher-forced agreement of the early exit's argmax (through the exit "
+                        "readout where the model has one) with the final loop's on the validation split")
+    if per_loop:
+        for entry in entries:
+            loops = " / ".join(f"{b:.2f}" for b in entry.details["bleu_per_loop"])
+            report.notes.append(f"{entry.label}: {main} BLEU after decoder loops 1..{entry.n_loops}: {loops}")
+    _finish(report, json_path, plot_path, "bleu", f"{main} BLEU (higher is better)", pareto=True,
+            higher_is_better=True)

@@ -68,7 +68,9 @@ def train_translation_command(run: TrainingRun) -> None:
 
 @click.command("translate")
 @click.argument("text_arg", metavar="[TEXT]", required=False)
-@click.option("--model", "model_dir", required=True, help="Translator directory (with tokenizer.json).")
+@click.option("--model", "model_dir", default=None,
+              help="Translator directory (with tokenizer.json) or Hub id; default: the bundled Spanish -> "
+                   "English translator.")
 @click.option("--text", help="Sentence to translate (instead of the TEXT argument).")
 @click.option("--engine", default="speed", show_default=True, help=ENGINE_HELP)
 @click.option("--max-new-tokens", type=int, default=None,
@@ -79,8 +81,9 @@ def train_translation_command(run: TrainingRun) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
 def translate_command(text_arg, model_dir, text, engine, max_new_tokens, speculation: Speculation,
                       sampling: Sampling, placement: Placement, as_json) -> None:
-    """Translate one sentence with a trained translator (greedy by default, where every engine
-    gives the same tokens; with --temperature every engine samples from the same distribution)."""
+    """Translate one sentence with a trained translator, by default the bundled Spanish -> English
+    one (greedy by default, where every engine gives the same tokens; with --temperature every
+    engine samples from the same distribution)."""
     from ..encdec.translate import load_translator, translate
 
     if text_arg is not None and text is not None:
@@ -103,7 +106,8 @@ def translate_command(text_arg, model_dir, text, engine, max_new_tokens, specula
 
 
 @click.command("eval-translation")
-@click.option("--model", "model_dir", required=True, help="Translator directory (with tokenizer.json).")
+@click.option("--model", "model_dir", default=None,
+              help="Translator directory (with tokenizer.json) or Hub id; default: the bundled translator.")
 @click.option("--data", "data", required=True, type=click.Path(),
               help="Parallel corpus directory (speedec data prepare-parallel) or one JSONL file.")
 @click.option("--split", default="test", show_default=True, help="Split to translate (with a directory).")
@@ -138,7 +142,7 @@ def eval_translation_command(model_dir, data, split, engine, speculation: Specul
     result = evaluate_translation(model, tokenizer, pairs, engine=engine, max_new_tokens=max_new_tokens,
                                   warmup=warmup, progress=not no_progress and not as_json,
                                   **speculation.engine_options())
-    report = {"model": str(model_dir), "data": str(path), **result.report}
+    report = {"model": str(model_dir) if model_dir is not None else "bundled", "data": str(path), **result.report}
     if hypotheses_file is not None:
         Path(hypotheses_file).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(hypotheses_file), "".join(h.replace("\n", " ") + "\n" for h in result.hypotheses))

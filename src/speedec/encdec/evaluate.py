@@ -32,8 +32,11 @@ from .translate import encode_source, translate_source
 
 @torch.no_grad()
 def validation_metrics(model: EncDecLM, batches: Sequence[PairBatch]) -> dict:
-    """Per-loop loss, perplexity and agreement with the final argmax on padded ``batches``."""
+    """Per-loop loss, perplexity and agreement with the final argmax on padded ``batches``;
+    for a model with an exit readout, also the drafter's (``draft_agreement``: how often
+    SPEED's draft equals the final prediction under teacher forcing)."""
     L = model.config.n_loops
+    has_readout = model.exit_readout is not None
     device = model.device
     sums = new_loop_sums(L, device)
     was_training = model.training
@@ -41,10 +44,11 @@ def validation_metrics(model: EncDecLM, batches: Sequence[PairBatch]) -> dict:
     for batch in batches:
         batch = batch.to(device)
         with autocast(device):
-            out = model(batch.src, batch.src_mask, batch.tgt_in, output_loops=tuple(range(1, L)))
+            out = model(batch.src, batch.src_mask, batch.tgt_in, output_loops=tuple(range(1, L)), output_draft=has_readout)
         add_loop_sums(sums, out, batch.targets, L)
     model.train(was_training)
-    return {"pairs": sum(len(b.src) for b in batches), **summarize_loop_sums(sums, L, model.config.exit_loop)}
+    return {"pairs": sum(len(b.src) for b in batches),
+            **summarize_loop_sums(sums, L, model.config.exit_loop, draft=has_readout)}
 
 
 @dataclass
@@ -55,6 +59,23 @@ class TranslationEval:
     report: dict
     # One translation per evaluated pair, in order.
     hypotheses: list[str]
+
+
+@torch.no_grad()
+def split_metrics(model: EncDecLM, tokenizer: BPETokenizer, path, *, batch_size: int = 32) -> dict:
+    """:func:`validation_metrics` over every pair of the JSONL split at ``path`` that fits
+    the model (teacher forcing: per-loop loss and agreement, the drafter's agreement)."""
+    from .data import fit_lengths, fixed_batches, load_pairs
+
+    c = model.config
+    pairs, _ = fit_lengths(load_pairs(path, tokenizer), c.max_source_len, c.max_target_len)
+    if len(pairs) == 0:
+        raise SpeedecError(f"{path} has no pair that fits the model's lengths")
+    if tokenizer.eos_token_id is None:
+        raise SpeedecError("the tokenizer has no <|endoftext|> token to end translations")
+    batches = fixed_batches(pairs, len(pairs), batch_size, bos=c.bos_token_id, eos=tokenizer.eos_token_id,
+                            pad=c.pad_token_id)
+    return validation_metrics(model, batches)
 
 
 def reference_streams(pairs: Sequence[Pair]) -> list[list[str]]:

@@ -1,7 +1,7 @@
 """Text in, text out: translate a sentence with a trained :class:`EncDecLM` and its tokenizer.
 
-``model, tokenizer = load_translator(model_dir)`` then
-``translate(model, tokenizer, "Das ist gut.", engine="speed")``. The text is
+``model, tokenizer = load_translator(model_dir)`` (no directory: the bundled
+Spanish -> English translator) then ``translate(model, tokenizer, "Hola.", engine="speed")``. The text is
 normalised as the corpus was (:func:`speedec.data.clean.normalize_text`, one
 line), encoded with the model's shared BPE, and decoded by
 :func:`~speedec.encdec.translate_ids` until the tokenizer's
@@ -44,9 +44,14 @@ class Translation:
         return {**{k: v for k, v in asdict(self).items() if k != "stats"}, "stats": self.stats.to_dict()}
 
 
-def load_translator(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+def load_translator(model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> tuple[EncDecLM, BPETokenizer]:
-    """A saved translator and its ``tokenizer.json`` (both required)."""
+    """A saved translator and its ``tokenizer.json`` (both required). ``model_dir`` None:
+    the translator bundled with the package (Spanish -> English); a directory or a
+    Hugging Face Hub id as :func:`speedec.bundled.resolve_model_dir` takes them."""
+    from ..bundled import resolve_translator_dir
+
+    model_dir = resolve_translator_dir(model_dir)
     model = EncDecLM.from_pretrained(model_dir, dtype=dtype, device=device)
     path = Path(model_dir) / TOKENIZER_FILE
     if not path.is_file():

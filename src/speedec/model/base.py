@@ -19,6 +19,45 @@ class LoopedModelBase(KernelModule):
     and may set ``exit_readout`` (an :class:`ExitReadout`) and
     ``loop_embedding`` (``[L, D]``)."""
 
+    # ------------------------------------------------------------------ depth
+    def at_depth(self, n_loops: int) -> LoopedModelBase:
+        """This model run for its first ``n_loops`` loops (1..L): a view sharing every
+        parameter, buffer and module (no copies) whose ``config.n_loops`` is ``n_loops``
+        and whose early exit is ``min(exit_loop, n_loops - 1)`` (none at depth 1, where
+        the exit readout goes unused). Loop ``j < n_loops`` of the view is loop ``j``
+        of the model, on the same virtual layers ``j * K + k`` of its own KV cache (the
+        decoder's, for a translator), so the view decodes and scores exactly as a model
+        of ``n_loops`` loops with these weights would. ``n_loops == L``: the model itself. For decoding and
+        evaluation; save the model, not a view. Other architectures' models override
+        this where their depth means something else. ConfigError: a depth outside 1..L."""
+        from ..errors import ConfigError
+
+        c = self.config
+        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or not 1 <= n_loops <= c.n_loops:
+            raise ConfigError(f"loops must be an integer from 1 to {c.n_loops} (the model's loops), "
+                              f"got {n_loops!r}")
+        if n_loops == c.n_loops:
+            return self
+        exit_loop = None if n_loops == 1 else min(c.exit_loop, n_loops - 1)
+        view = self.view(n_loops=n_loops, exit_loop=exit_loop,
+                         exit_readout_rank=c.exit_readout_rank if exit_loop else None)
+        if exit_loop is None:
+            view.exit_readout = None
+        return view
+
+    def view(self, **config_changes) -> LoopedModelBase:
+        """A copy of this model sharing every parameter, buffer and module (no copies),
+        with its own registries (so that the view's edits stay its own) and its config
+        changed by ``config_changes`` (:meth:`at_depth`'s views)."""
+        import copy
+        from dataclasses import replace
+
+        view = copy.copy(self)
+        for registry in ("_parameters", "_buffers", "_modules"):
+            object.__setattr__(view, registry, copy.copy(getattr(self, registry)))
+        view.config = replace(self.config, **config_changes)
+        return view
+
     def init_loop_parameters(self, config) -> None:
         """Create the optional per-loop parameters ``config`` asks for (absent: None)."""
         if getattr(config, "loop_embedding", False):

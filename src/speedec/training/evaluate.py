@@ -42,58 +42,52 @@ def loop_metrics(model: LoopedLM, windows: torch.Tensor, *, batch_size: int,
     if dist is not None and dist.enabled:
         windows = windows[dist.rank::dist.world_size]
     sums = new_loop_sums(L, device)
-    # With an exit readout (drafter): its summed cross-entropy and agreement count.
     has_readout = getattr(model, "exit_readout", None) is not None
-    draft_sums = torch.zeros(2, dtype=torch.float64, device=device)
-    extra = {"output_draft": True} if has_readout else {}
     was_training = model.training
     model.eval()
     for batch in windows.split(batch_size):
         batch = batch.to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with autocast(device):
-            out = model(inputs, output_loops=tuple(range(1, L)), **extra)
+            out = model(inputs, output_loops=tuple(range(1, L)), output_draft=has_readout)
         add_loop_sums(sums, out, targets, L)
-        if has_readout:
-            draft = out.draft_logits
-            draft_sums[0] += F.cross_entropy(draft.reshape(-1, draft.shape[-1]).float(),  # [B*T, V]
-                                             targets.reshape(-1), reduction="sum").double()
-            draft_sums[1] += (draft.argmax(-1) == out.logits.argmax(-1)).sum()
     model.train(was_training)
     if dist is not None:
         dist.all_reduce_sum(sums)
-        if has_readout:
-            dist.all_reduce_sum(draft_sums)
-    result = summarize_loop_sums(sums, L, model.config.exit_loop)
-    if has_readout:
-        draft_loss, agreeing = (draft_sums / result["tokens"]).tolist()  # deliberate host sync
-        result.update(draft_loss=draft_loss, draft_ppl=_perplexity(draft_loss), draft_agreement=agreeing)
+    result = summarize_loop_sums(sums, L, model.config.exit_loop, draft=has_readout)
     return result
 
 
 def new_loop_sums(n_loops: int, device: torch.device) -> torch.Tensor:
     """Zeroed accumulators for :func:`add_loop_sums`: per loop 1..L the summed
-    cross-entropy, then per loop the agreement count, last the token count."""
-    return torch.zeros(2 * n_loops + 1, dtype=torch.float64, device=device)
+    cross-entropy, then per loop the agreement count, then the token count, last the
+    exit readout's (drafter's) summed cross-entropy and agreement count."""
+    return torch.zeros(2 * n_loops + 3, dtype=torch.float64, device=device)
 
 
 def add_loop_sums(sums: torch.Tensor, out, targets: torch.Tensor, n_loops: int) -> None:
     """Add one batch to ``sums``: ``out`` holds the final logits and those of loops
-    1..L-1 (``[B, T, V]`` each); targets equal to ``IGNORE_INDEX`` (padding) count nowhere."""
+    1..L-1 (``[B, T, V]`` each), and the drafter's when ``out.draft_logits`` is set;
+    targets equal to ``IGNORE_INDEX`` (padding) count nowhere."""
     L = n_loops
     mask = targets != IGNORE_INDEX  # [B, T]
     final_argmax = out.logits.argmax(-1)  # [B, T]
+
+    def add(at: int, logits: torch.Tensor) -> None:
+        sums[at] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),  # [B*T, V]
+                                    targets.reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX).double()
+        sums[at + (L if at < L else 1)] += ((logits.argmax(-1) == final_argmax) & mask).sum()
+
     for loop in range(1, L + 1):
-        logits = out.logits if loop == L else out.loop_logits[loop]
-        sums[loop - 1] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),  # [B*T, V]
-                                          targets.reshape(-1), reduction="sum",
-                                          ignore_index=IGNORE_INDEX).double()
-        sums[L + loop - 1] += ((logits.argmax(-1) == final_argmax) & mask).sum()
+        add(loop - 1, out.logits if loop == L else out.loop_logits[loop])
     sums[2 * L] += mask.sum()
+    if getattr(out, "draft_logits", None) is not None:
+        add(2 * L + 1, out.draft_logits)
 
 
-def summarize_loop_sums(sums: torch.Tensor, n_loops: int, exit_loop: int | None) -> dict:
-    """Loss, perplexity and agreement with the final argmax per loop, from :func:`add_loop_sums`."""
+def summarize_loop_sums(sums: torch.Tensor, n_loops: int, exit_loop: int | None, *, draft: bool = False) -> dict:
+    """Loss, perplexity and agreement with the final argmax per loop, from :func:`add_loop_sums`;
+    with ``draft``, also the exit readout's loss, perplexity and agreement."""
     L = n_loops
     values = sums.tolist()  # deliberate host sync: once per evaluation
     count = values[2 * L]
@@ -101,7 +95,7 @@ def summarize_loop_sums(sums: torch.Tensor, n_loops: int, exit_loop: int | None)
         raise TrainingError("no validation windows to evaluate")
     losses = [v / count for v in values[:L]]
     agreement = [v / count for v in values[L:2 * L]]
-    return {
+    result = {
         "tokens": int(count),
         "loss": losses[-1],
         "ppl": _perplexity(losses[-1]),
@@ -112,6 +106,10 @@ def summarize_loop_sums(sums: torch.Tensor, n_loops: int, exit_loop: int | None)
         "exit_loop": exit_loop,
         "exit_agreement": agreement[exit_loop - 1] if exit_loop is not None else None,
     }
+    if draft:
+        draft_loss, agreeing = values[2 * L + 1] / count, values[2 * L + 2] / count
+        result.update(draft_loss=draft_loss, draft_ppl=_perplexity(draft_loss), draft_agreement=agreeing)
+    return result
 
 
 def _perplexity(loss: float) -> float:
