@@ -2,7 +2,8 @@
 
 Thin wrappers over :func:`~speedec.training.train`,
 :func:`~speedec.training.evaluate_model`,
-:func:`~speedec.training.exit_fit.fit_exit_readout` and
+:func:`~speedec.training.exit_fit.fit_exit_readout` (a translator's:
+:func:`~speedec.encdec.exit_fit.fit_translator_readout`) and
 :func:`~speedec.tokenizer.train_bpe` (``tokenizer train --parallel``: the joint
 tokenizer of a parallel corpus). ``run_options`` (a training run's options,
 delivered as one :class:`TrainingRun`) and ``summary_line`` are shared with the
@@ -189,38 +190,43 @@ def eval_command(model_dir, data_file, as_json, prompts, prompt_tokens, new_toke
 
 @click.command("train-exit")
 @click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False),
-              help="Trained model directory (default: the bundled model).")
+              help="Trained model directory, decoder-only or translator (default: the bundled model).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Where to write the model with its fitted readout (default: in place; an imported "
                    "checkpoint is never overwritten and needs --out).")
-@click.option("--train", "train_file", required=True, type=click.Path(dir_okay=False),
-              help="Training text (the readout learns to match the final loop on it).")
-@click.option("--val", "val_file", required=True, type=click.Path(dir_okay=False),
-              help="Validation text (agreement reported before and after).")
+@click.option("--train", "train_file", default=None, type=click.Path(dir_okay=False),
+              help="Training text of a decoder-only model (the readout learns to match the final loop on it).")
+@click.option("--val", "val_file", default=None, type=click.Path(dir_okay=False),
+              help="Validation text of a decoder-only model (agreement reported before and after).")
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
+              help="A translator's parallel corpus directory (speedec data prepare-parallel): fitted on "
+                   "its train split, agreement reported on its validation split.")
 @click.option("--rank", type=click.IntRange(min=1), default=None,
               help="Adapter rank (default: the model's readout's, or 64).")
 @click.option("--exit-loop", type=click.IntRange(min=1), default=None,
               help="Loop of the early exit (default: the model's).")
 @click.option("--steps", default=400, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per step (a translator: sentence pairs).")
+@click.option("--seq-len", default=None, type=click.IntRange(min=1),
+              help="Tokens per training sequence of a decoder-only model [default: 256]; "
+                   "not for a translator, whose sequences are whole sentence pairs.")
 @click.option("--lr", default=3e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @placement_options(threads_option())
-def train_exit_command(model_dir, out_dir, train_file, val_file, rank, exit_loop, steps, batch_size, seq_len,
-                       lr, seed, as_json, no_progress, placement: Placement) -> None:
+def train_exit_command(model_dir, out_dir, train_file, val_file, data_dir, rank, exit_loop, steps, batch_size,
+                       seq_len, lr, seed, as_json, no_progress, placement: Placement) -> None:
     """Fit (or refit) a model's exit readout (the drafter) with its trunk frozen.
 
     Only the readout changes: the model's output is the same, its drafts agree
-    more often with it (measured before and after on --val).
+    more often with it (measured before and after on --val, or for a translator
+    on the validation split of --data).
     """
     from ..bundled import resolve_model_dir
-    from ..model import LoopedLM
-    from ..storage import is_imported
-    from ..tokenizer import load_tokenizer
-    from ..training.exit_fit import ExitFitSettings, fit_exit_readout, save_fitted
+    from ..storage import ENCDEC_LM, is_imported, read_config
+    from ..training.exit_fit import ExitFitSettings, save_fitted
 
     placement.set_threads()
     given = model_dir
@@ -232,11 +238,39 @@ def train_exit_command(model_dir, out_dir, train_file, val_file, rank, exit_loop
     if out_dir.resolve() == model_dir.resolve() and is_imported(model_dir):
         raise click.UsageError(f"{model_dir} is an imported checkpoint, which is not overwritten; "
                                "give --out DIR for the fitted model")
-    model = LoopedLM.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
+    translator = read_config(model_dir)[0] is ENCDEC_LM
     settings = ExitFitSettings(rank=rank, exit_loop=exit_loop, steps=steps, batch_size=batch_size,
-                               seq_len=seq_len, lr=lr, warmup_steps=min(20, steps - 1), seed=seed)
-    result = fit_exit_readout(model, tokenizer, train_file, val_file, settings, progress=not no_progress)
+                               seq_len=ExitFitSettings.seq_len if seq_len is None else seq_len, lr=lr,
+                               warmup_steps=min(20, steps - 1), seed=seed)
+    progress = not no_progress
+    if translator:
+        from ..encdec.data import split_path
+        from ..encdec.exit_fit import fit_translator_readout
+        from ..encdec.translate import load_translator
+
+        if train_file is not None or val_file is not None or data_dir is None:
+            raise click.UsageError(f"{model_dir} is a translator, fitted on sentence pairs: give --data DIR "
+                                   "(a parallel corpus from speedec data prepare-parallel), not --train/--val")
+        if seq_len is not None:
+            raise click.UsageError("--seq-len does not apply to a translator, whose sequences are whole "
+                                   "sentence pairs")
+        model, tokenizer = load_translator(model_dir)
+        result = fit_translator_readout(model, tokenizer, data_dir, settings, progress=progress)
+        validation = split_path(data_dir, "validation")
+    else:
+        from ..model import LoopedLM
+        from ..tokenizer import load_tokenizer
+        from ..training.exit_fit import fit_exit_readout
+
+        if data_dir is not None:
+            raise click.UsageError(f"{model_dir} is a decoder-only model: --data is a translator's parallel "
+                                   "corpus; give --train and --val text files")
+        if train_file is None or val_file is None:
+            raise click.UsageError("give --train and --val text files (or, for a translator, --data DIR)")
+        model = LoopedLM.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
+        result = fit_exit_readout(model, tokenizer, train_file, val_file, settings, progress=progress)
+        validation = val_file
     save_fitted(result, model_dir, out_dir)
     c = result.model.config
     report = {"model": str(out_dir), "exit_loop": c.exit_loop, "rank": c.exit_readout_rank,
@@ -249,7 +283,7 @@ def train_exit_command(model_dir, out_dir, train_file, val_file, rank, exit_loop
         return
     click.echo(f"exit readout (loop {c.exit_loop}, rank {c.exit_readout_rank}) fitted in {result.steps} steps "
                f"({result.train_s:.0f} s): agreement with the final loop {report['agreement_before']:.3f} -> "
-               f"{report['agreement_after']:.3f} on {val_file}; model in {out_dir}")
+               f"{report['agreement_after']:.3f} on {validation}; model in {out_dir}")
 
 
 @click.group("tokenizer")

@@ -7,19 +7,25 @@ readout's parameters change, by distillation towards the final loop's
 distribution on training text. A fresh readout starts as the shared exit
 (adapter off, the final norm's gains), so fitting starts from the shared
 exit's agreement and the report shows before and after on validation.
+
+What does not depend on the data is shared with translators
+(:mod:`speedec.encdec.exit_fit`, which fits on sentence pairs): the settings,
+:func:`with_readout`, the optimisation loop (:func:`fit_readout`) and
+:func:`save_fitted`.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, TrainingError
-from ..model import LoopedLM
+from ..model import LoopedLM, LoopedModelBase
 from ..tokenizer import Tokenizer
 from .data import check_tokens, evaluation_windows, load_tokens, training_batch
 from .evaluate import loop_metrics
@@ -33,7 +39,8 @@ class ExitFitSettings:
     rank: int | None = None
     # Loop of the early exit; None: keep the model's.
     exit_loop: int | None = None
-    # Optimizer steps, sequences per step, tokens per sequence.
+    # Optimizer steps, sequences per step (a translator: sentence pairs), tokens per
+    # sequence (not used for a translator, whose sequences are whole sentence pairs).
     steps: int = 400
     batch_size: int = 8
     seq_len: int = 256
@@ -58,9 +65,10 @@ class ExitFitSettings:
 
 @dataclass(frozen=True)
 class ExitFitResult:
-    # The model with its fitted readout (float32, eval mode).
-    model: LoopedLM
-    # Validation metrics (speedec.training.evaluate.loop_metrics) before and after fitting;
+    # The model with its fitted readout (float32, eval mode): a LoopedLM, or an EncDecLM.
+    model: LoopedModelBase
+    # Validation metrics (speedec.training.evaluate.loop_metrics; a translator's:
+    # speedec.encdec.evaluate.validation_metrics) before and after fitting;
     # "draft_agreement" is the readout's agreement with the final loop's argmax.
     before: dict
     after: dict
@@ -68,9 +76,10 @@ class ExitFitResult:
     train_s: float
 
 
-def with_readout(model: LoopedLM, rank: int | None, exit_loop: int | None) -> LoopedLM:
-    """``model`` itself when its readout already has this rank and exit, else a copy with
-    the same trunk and a fresh readout (equal to the shared exit until fitted)."""
+def with_readout(model: LoopedModelBase, rank: int | None, exit_loop: int | None) -> LoopedModelBase:
+    """``model`` itself when its readout already has this rank and exit, else a copy of the
+    same class (a decoder-only model or a translator) with the same trunk and a fresh
+    readout (equal to the shared exit until fitted)."""
     c = model.config
     if c.n_loops < 2:
         raise TrainingError("the model has a single loop: there is no early exit to fit a readout for")
@@ -82,7 +91,7 @@ def with_readout(model: LoopedLM, rank: int | None, exit_loop: int | None) -> Lo
         config = c.replace(exit_readout_rank=rank, exit_loop=exit_loop)
     except ConfigError as exc:  # a rank or exit the shape cannot take
         raise TrainingError(str(exc)) from None
-    fresh = LoopedLM(config).to(model.dtype)
+    fresh = type(model)(config).to(model.dtype)
     trunk = {name: t for name, t in model.state_dict().items() if not name.startswith("exit_readout.")}
     missing, unexpected = fresh.load_state_dict(trunk, strict=False)
     assert not unexpected and all(name.startswith("exit_readout.") for name in missing)
@@ -91,20 +100,13 @@ def with_readout(model: LoopedLM, rank: int | None, exit_loop: int | None) -> Lo
     return fresh.eval()
 
 
-def fit_exit_readout(model: LoopedLM, tokenizer: Tokenizer, train_file: str | Path, val_file: str | Path,
-                     settings: ExitFitSettings = ExitFitSettings(), *, progress: bool = True) -> ExitFitResult:
-    """Fit the exit readout of ``model`` (see the module docstring); the trunk is not changed."""
+def fit_readout(model: LoopedModelBase, settings: ExitFitSettings, step_loss: Callable[[int], torch.Tensor], *,
+                progress: bool = True) -> float:
+    """Train ``model``'s exit readout alone: ``settings.steps`` AdamW steps (warmup then
+    cosine) on ``step_loss(step)``, the loss of a training-mode forward on the batch of
+    ``step``; every other parameter is frozen meanwhile. Leaves the model in eval mode;
+    returns the seconds spent."""
     s = settings
-    model = with_readout(model.float(), s.rank, s.exit_loop)
-    seq_len = min(s.seq_len, model.config.max_seq_len)
-    train_tokens = load_tokens(train_file, tokenizer)
-    check_tokens(train_tokens, seq_len, str(train_file))
-    val_tokens = load_tokens(val_file, tokenizer)
-    check_tokens(val_tokens, seq_len, str(val_file))
-    windows = evaluation_windows(val_tokens, seq_len, s.eval_windows)
-    batch = min(s.batch_size, 8)
-    before = loop_metrics(model, windows, batch_size=batch)
-
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("exit_readout."))
     params = list(model.exit_readout.parameters())
@@ -121,10 +123,7 @@ def fit_exit_readout(model: LoopedLM, tokenizer: Tokenizer, train_file: str | Pa
         for step in range(s.steps):
             for group in optimizer.param_groups:
                 group["lr"] = schedule(step)
-            window = training_batch(train_tokens, seq_len=seq_len, batch_size=s.batch_size, seed=s.seed,
-                                    step=step)
-            out = model(window[:, :-1], output_draft=True)
-            loss = distillation(out.draft_logits, out.logits, window[:, 1:])
+            loss = step_loss(step)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -135,10 +134,32 @@ def fit_exit_readout(model: LoopedLM, tokenizer: Tokenizer, train_file: str | Pa
     finally:
         if bar is not None:
             bar.close()
-    train_s = time.perf_counter() - begin
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+    return time.perf_counter() - begin
+
+
+def fit_exit_readout(model: LoopedLM, tokenizer: Tokenizer, train_file: str | Path, val_file: str | Path,
+                     settings: ExitFitSettings = ExitFitSettings(), *, progress: bool = True) -> ExitFitResult:
+    """Fit the exit readout of ``model`` (see the module docstring); the trunk is not changed."""
+    s = settings
+    model = with_readout(model.float(), s.rank, s.exit_loop)
+    seq_len = min(s.seq_len, model.config.max_seq_len)
+    train_tokens = load_tokens(train_file, tokenizer)
+    check_tokens(train_tokens, seq_len, str(train_file))
+    val_tokens = load_tokens(val_file, tokenizer)
+    check_tokens(val_tokens, seq_len, str(val_file))
+    windows = evaluation_windows(val_tokens, seq_len, s.eval_windows)
+    batch = min(s.batch_size, 8)
+    before = loop_metrics(model, windows, batch_size=batch)
+
+    def step_loss(step: int) -> torch.Tensor:
+        window = training_batch(train_tokens, seq_len=seq_len, batch_size=s.batch_size, seed=s.seed, step=step)
+        out = model(window[:, :-1], output_draft=True)
+        return distillation(out.draft_logits, out.logits, window[:, 1:])
+
+    train_s = fit_readout(model, s, step_loss, progress=progress)
     after = loop_metrics(model, windows, batch_size=batch)
     return ExitFitResult(model=model, before=before, after=after, steps=s.steps, train_s=train_s)
 
