@@ -3,13 +3,14 @@
 Thin wrappers over :func:`~speedec.encdec.train_translation`,
 :func:`~speedec.encdec.translate` and :func:`~speedec.encdec.evaluate_translation`.
 
-The whole setting, from the registries to a score::
+The whole setting, from the registries to a score (``speedec translate "..."``
+alone uses the bundled Spanish -> English translator)::
 
-    speedec data prepare-parallel --out data/parallel-de-en --pairs de-en
-    speedec tokenizer train --parallel data/parallel-de-en --out data/parallel-de-en/tokenizer.json --vocab-size 4096
-    speedec train-translation --config configs/translation/de-en-L4.json
-    speedec translate --model runs/translation/de-en-L4/model "Das Abendessen hat mir geschmeckt."
-    speedec eval-translation --model runs/translation/de-en-L4/model --data data/parallel-de-en
+    speedec data prepare-parallel --out data/parallel-es-en --pairs es-en
+    speedec tokenizer train --parallel data/parallel-es-en --out data/parallel-es-en/tokenizer.json --vocab-size 8192
+    speedec train-translation --config configs/translation/es-en-L4.json
+    speedec translate --model runs/translation/es-en-L4/model "Y dijo Dios: Sea la luz."
+    speedec eval-translation --model runs/translation/es-en-L4/model --data data/parallel-es-en
 """
 
 from __future__ import annotations
