@@ -178,8 +178,14 @@ def plot_pareto(report: StudyReport, path: str | Path, *, quality_key: str, qual
     for (x, y), r in zip(points, rows):
         if r.model not in fastest or x < fastest[r.model][0]:
             fastest[r.model] = (x, y)
+    # Labels of models at nearly the same point (same quality, close latency) stack downwards.
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    near_x, near_y = 0.06 * (max(xs) - min(xs) or 1.0), 0.02 * (max(ys) - min(ys) or 1.0)
+    placed: list[tuple[float, float]] = []
     for model, (x, y) in fastest.items():
-        ax.annotate(model, (x, y), textcoords="offset points", xytext=(-4, -13), fontsize=7)
+        below = sum(abs(x - px) < near_x and abs(y - py) < near_y for px, py in placed)
+        ax.annotate(model, (x, y), textcoords="offset points", xytext=(-4, -13 - 9 * below), fontsize=7)
+        placed.append((x, y))
     sign = -1.0 if higher_is_better else 1.0
     front = pareto_front([(x, sign * y) for x, y in points])
     ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="grey",
