@@ -257,6 +257,24 @@ def test_shipped_translation_configs_differ_only_in_depth(loops):
     assert same == {k: v for k, v in reference.to_dict().items() if k in same}
 
 
+@pytest.mark.parametrize("loops", [1, 2, 4])
+def test_es_en_study_configs_differ_only_in_depth(loops):
+    """The es-en depth study (issue 24): same shape, data, order and budget; L = 2 and 4 with
+    the drafter, the loop embedding and exit weight 0, L = 1 without an exit."""
+    config = TranslationConfig.from_file(REPO / "configs" / "translation" / f"es-en-L{loops}.json")
+    reference = TranslationConfig.from_file(REPO / "configs" / "translation" / "es-en-L4.json")
+    model = config.resolve_model_config()
+    assert model.n_loops == loops and model.n_unique_layers == 2 and config.exit_weight == 0
+    if loops > 1:
+        assert model.replace(n_loops=4) == reference.model and config.draft_weight == 1.0
+    else:
+        assert model.exit_loop is None and model.exit_readout_rank is None and config.draft_weight == 0
+    same = {k: v for k, v in config.to_dict().items() if k not in ("model", "out_dir", "description",
+                                                                   "draft_weight")}
+    assert same == {k: v for k, v in reference.to_dict().items() if k in same}
+    assert config.max_steps * config.batch_size == 1600 * 64
+
+
 # --------------------------------------------------------------- training
 def test_tiny_training_lowers_the_loss_and_writes_a_loadable_model(corpus, trained):
     losses = [e["loss"] for e in events(trained, "train")]
