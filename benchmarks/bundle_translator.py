@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from speedec.bench.runner import machine_info  # noqa: E402
+from speedec.bench.study import pool_stats  # noqa: E402
 from speedec.encdec.data import read_pairs, split_path  # noqa: E402
 from speedec.encdec.evaluate import evaluate_translation  # noqa: E402
 from speedec.encdec.translate import encode_source, load_translator, translate_source  # noqa: E402
@@ -44,6 +45,7 @@ def bundle(model_dir: Path, out: Path) -> None:
     model, _ = load_translator(model_dir)
     card = out / CARD
     kept = card.read_text(encoding="utf-8") if card.is_file() else None
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
         model.to(torch.bfloat16).save_pretrained(staged)
@@ -56,19 +58,16 @@ def bundle(model_dir: Path, out: Path) -> None:
 
 
 def timed(model, tokenizer, sources, engine: str, rounds: int) -> tuple[list[float], list, dict]:
-    per_round, outputs, pooled = [], None, {"accepted": 0, "verified": 0, "steps": 0, "after_first": 0}
+    """Milliseconds per sentence of each round, the last round's tokens, and the engine's
+    counters pooled over every round (:func:`speedec.bench.study.pool_stats`)."""
+    per_round, outputs, stats = [], None, []
     for _ in range(rounds):
         begin = time.perf_counter()
         results = [translate_source(model, tokenizer, ids, engine=engine) for ids in sources]
         per_round.append(1e3 * (time.perf_counter() - begin) / len(sources))
         outputs = [r.tokens for r in results]
-        for r in results:
-            s = r.stats
-            pooled["accepted"] += s.drafts_accepted
-            pooled["verified"] += s.drafts_accepted + s.drafts_rejected
-            pooled["steps"] += s.steps
-            pooled["after_first"] += max(0, s.new_tokens - 1)
-    return per_round, outputs, pooled
+        stats += [r.stats for r in results]
+    return per_round, outputs, pool_stats(stats)
 
 
 def main() -> None:
@@ -87,7 +86,7 @@ def main() -> None:
     bundle(args.model, args.out)
     size = sum(f.stat().st_size for f in args.out.iterdir())
     model, tokenizer = load_translator(args.out)  # what a user gets: bf16 on disk, float32 in memory
-    report = {"source": str(args.model), "bundled": str(args.out.relative_to(REPO)), "bytes": size,
+    report = {"source": str(args.model), "bundled": str(args.out.resolve().relative_to(REPO) if args.out.resolve().is_relative_to(REPO) else args.out), "bytes": size,
               "params": sum(p.numel() for p in model.parameters()), "config": model.config.to_dict(),
               "machine": machine_info(), "threads": args.threads, "scores": {}}
     for split in args.splits.split(","):

@@ -253,7 +253,7 @@ def decoder_entry(label: str, model, prompts: list[list[int]], new_tokens: int, 
             total += time.perf_counter() - begin
             units += len(result.tokens)
             summed.append(result.stats)
-        return total, units, _pool(summed)
+        return total, units, pool_stats(summed)
 
     return StudyEntry(label, model.config.n_loops, _supported(model, engines), run, quality, details or {})
 
@@ -274,12 +274,12 @@ def translation_entry(label: str, model, tokenizer, sources: list[list[int]], qu
             result = translate_source(model, tokenizer, ids, engine=engine, **options)
             total += time.perf_counter() - begin
             summed.append(result.stats)
-        return total, len(sources), _pool(summed)
+        return total, len(sources), pool_stats(summed)
 
     return StudyEntry(label, model.config.n_loops, _supported(model, engines), run, quality, details or {})
 
 
-def _pool(items: list[GenerationStats]) -> dict:
+def pool_stats(items: list[GenerationStats]) -> dict:
     """Counters of several requests: steps per token counts tokens after each request's first."""
     return {"steps": sum(s.steps for s in items), "tokens": sum(s.new_tokens for s in items),
             "after_first": sum(max(0, s.new_tokens - 1) for s in items),

@@ -165,7 +165,6 @@ def translation(models, data_dir, splits, labels, sentences, per_loop, engines, 
     if not split_names:
         raise click.UsageError("--splits names no split")
     scored = {name: read_pairs(split_path(data_dir, name)) for name in split_names}
-    validation = split_path(data_dir, "validation")
     main, pairs = split_names[0], scored[split_names[0]]
     entries = []
     for i, directory in enumerate(dirs):
@@ -187,7 +186,7 @@ def translation(models, data_dir, splits, labels, sentences, per_loop, engines, 
         if per_loop:
             details["bleu_per_loop"] = [bleu(model.at_depth(d), main)["bleu"] for d in range(1, c.n_loops)]
             details["bleu_per_loop"].append(quality["bleu"])
-        metrics = split_metrics(model, tokenizer, validation)
+        metrics = split_metrics(model, tokenizer, data_dir, "validation")
         details["agreement_per_loop"] = metrics["agreement_per_loop"]
         details["ppl_per_loop"] = metrics["ppl_per_loop"]
         if c.exit_loop is not None:

@@ -292,6 +292,17 @@ class BucketSampler:
         return self._plan[index]
 
 
+def fitting_split(data: str | Path, split: str, tokenizer: BPETokenizer, config) -> TokenizedPairs:
+    """The tokenised pairs of ``split`` of the corpus ``data`` that fit a translator of
+    ``config``'s lengths; none is a TrainingError."""
+    path = split_path(data, split)
+    pairs, _ = fit_lengths(load_pairs(path, tokenizer), config.max_source_len, config.max_target_len)
+    if len(pairs) == 0:
+        raise TrainingError(f"{path} has no sentence pair that fits the model's lengths "
+                            f"(source <= {config.max_source_len}, target < {config.max_target_len} tokens)")
+    return pairs
+
+
 def fixed_batches(pairs: TokenizedPairs, count: int, batch_size: int, *, bos: int, eos: int,
                   pad: int) -> list[PairBatch]:
     """Evaluation batches of the first ``count`` pairs (file order, so every evaluation of

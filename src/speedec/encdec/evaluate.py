@@ -62,17 +62,15 @@ class TranslationEval:
 
 
 @torch.no_grad()
-def split_metrics(model: EncDecLM, tokenizer: BPETokenizer, path, *, batch_size: int = 32) -> dict:
-    """:func:`validation_metrics` over every pair of the JSONL split at ``path`` that fits
-    the model (teacher forcing: per-loop loss and agreement, the drafter's agreement)."""
-    from .data import fit_lengths, fixed_batches, load_pairs
+def split_metrics(model: EncDecLM, tokenizer: BPETokenizer, data, split: str, *, batch_size: int = 32) -> dict:
+    """:func:`validation_metrics` over every pair of ``split`` of the corpus ``data`` that
+    fits the model (teacher forcing: per-loop loss and agreement, the drafter's agreement)."""
+    from .data import fitting_split, fixed_batches
 
     c = model.config
-    pairs, _ = fit_lengths(load_pairs(path, tokenizer), c.max_source_len, c.max_target_len)
-    if len(pairs) == 0:
-        raise SpeedecError(f"{path} has no pair that fits the model's lengths")
     if tokenizer.eos_token_id is None:
         raise SpeedecError("the tokenizer has no <|endoftext|> token to end translations")
+    pairs = fitting_split(data, split, tokenizer, c)
     batches = fixed_batches(pairs, len(pairs), batch_size, bos=c.bos_token_id, eos=tokenizer.eos_token_id,
                             pad=c.pad_token_id)
     return validation_metrics(model, batches)

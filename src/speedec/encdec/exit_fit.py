@@ -28,12 +28,9 @@ from ..training.exit_fit import ExitFitResult, ExitFitSettings, fit_readout, wit
 from ..training.loss import distillation
 from .data import (
     BucketSampler,
-    TokenizedPairs,
-    fit_lengths,
+    fitting_split,
     fixed_batches,
-    load_pairs,
     make_batch,
-    split_path,
 )
 from .evaluate import validation_metrics
 from .model import EncDecLM
@@ -41,17 +38,6 @@ from .model import EncDecLM
 # Validation pairs scored before and after, and pairs per scoring batch.
 EVAL_PAIRS = 256
 EVAL_BATCH = 16
-
-
-def corpus_split(data: str | Path, split: str, tokenizer: BPETokenizer, model: EncDecLM) -> TokenizedPairs:
-    """The tokenised pairs of ``split`` of the corpus ``data`` that fit the model's lengths;
-    none is a TrainingError."""
-    path = split_path(data, split)
-    pairs, _ = fit_lengths(load_pairs(path, tokenizer), model.config.max_source_len, model.config.max_target_len)
-    if len(pairs) == 0:
-        raise TrainingError(f"{path} has no sentence pair that fits the model's lengths "
-                            f"(source <= {model.config.max_source_len}, target < {model.config.max_target_len} tokens)")
-    return pairs
 
 
 def fit_translator_readout(model: EncDecLM, tokenizer: BPETokenizer, data: str | Path,
@@ -70,8 +56,8 @@ def fit_translator_readout(model: EncDecLM, tokenizer: BPETokenizer, data: str |
         raise TrainingError(f"eval_pairs must be >= 1, got {eval_pairs}")
     model = with_readout(model.float(), s.rank, s.exit_loop)
     c = model.config
-    train_pairs = corpus_split(data, train_split, tokenizer, model)
-    val_pairs = corpus_split(data, val_split, tokenizer, model)
+    train_pairs = fitting_split(data, train_split, tokenizer, c)
+    val_pairs = fitting_split(data, val_split, tokenizer, c)
     ids = dict(bos=c.bos_token_id, eos=tokenizer.eos_token_id, pad=c.pad_token_id)
     sampler = BucketSampler(train_pairs, s.batch_size, s.seed)
     val_batches = fixed_batches(val_pairs, eval_pairs, min(s.batch_size, EVAL_BATCH), **ids)

@@ -73,16 +73,16 @@ def add_loop_sums(sums: torch.Tensor, out, targets: torch.Tensor, n_loops: int) 
     mask = targets != IGNORE_INDEX  # [B, T]
     final_argmax = out.logits.argmax(-1)  # [B, T]
 
-    def add(at: int, logits: torch.Tensor) -> None:
-        sums[at] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),  # [B*T, V]
-                                    targets.reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX).double()
-        sums[at + (L if at < L else 1)] += ((logits.argmax(-1) == final_argmax) & mask).sum()
+    def add(loss_at: int, agree_at: int, logits: torch.Tensor) -> None:
+        sums[loss_at] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),  # [B*T, V]
+                                         targets.reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX).double()
+        sums[agree_at] += ((logits.argmax(-1) == final_argmax) & mask).sum()
 
     for loop in range(1, L + 1):
-        add(loop - 1, out.logits if loop == L else out.loop_logits[loop])
+        add(loop - 1, L + loop - 1, out.logits if loop == L else out.loop_logits[loop])
     sums[2 * L] += mask.sum()
     if getattr(out, "draft_logits", None) is not None:
-        add(2 * L + 1, out.draft_logits)
+        add(2 * L + 1, 2 * L + 2, out.draft_logits)
 
 
 def summarize_loop_sums(sums: torch.Tensor, n_loops: int, exit_loop: int | None, *, draft: bool = False) -> dict:
